@@ -1,0 +1,2158 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "deltalake>=1.2,<2",
+#     "pyarrow>=18",
+#     "pandas>=2.2",
+#     "pyyaml>=6",
+# ]
+# ///
+"""Ship new rows from a SQLite table into a Delta / Databricks table, exactly once.
+
+Map of this file, in the order data flows:
+
+1. Configuration  -- OPTIONS (every YAML key / environment variable / flag), load_settings()
+2. Source         -- open SQLite read-only, detect table and timestamp column, timestamp parsing
+3. Cursor         -- the (timestamp, rowid) keyset watermark, window planning, batch reading
+4. Transforms     -- sanitize -> filter -> aggregate (pandas), validated at start-up
+5. Targets        -- the Target interface; DeltaTarget (the embedded default)
+6. State          -- the JSON state file, atomic writes, reconciliation with the target
+7. Run loop / CLI -- cycles, backoff, signals, logging, --run-query, main()
+
+Exit codes: 0 success, 1 a run-time failure (upload or I/O failed; retried in loop mode),
+2 bad configuration or input (nothing will fix itself), 130/143 stopped by a second signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+TOOL_NAME = "sqlite_to_databricks_uploader"
+TOOL_VERSION = "1.0.0"
+STATE_FORMAT = 1
+LOG = logging.getLogger(TOOL_NAME)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+class UploaderError(Exception):
+    """A failure with a message meant for the user; exit_code says what kind."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(UploaderError):
+    """Bad configuration or input: retrying will not help."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class TransientError(UploaderError):
+    """A failure that a later attempt may not meet (network, locks, a busy target)."""
+
+
+# =====================================================================================
+# 1. Configuration
+# =====================================================================================
+
+SECRET_MASK = "********"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting, reachable as a YAML key, an environment variable and a flag."""
+
+    key: str
+    env: str
+    kind: str  # str | int | float | bool | json | choice
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    secret: bool = False
+    minimum: float | None = None
+    flags: tuple[str, ...] = ()  # extra flag spellings; the first flag is always --key-with-dashes
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- SQLite source
+    Option("sqlite", "SQLITE_PATH", "str", None, "Path of the SQLite database to read (opened read-only)."),
+    Option("sqlite_table_name", "SQLITE_TABLE_NAME", "str", None,
+           "Table to upload. Default: the database's only table.", flags=("--table",)),
+    Option("timestamp_col", "TIMESTAMP_COL", "str", None,
+           "Column holding each row's time. Default: detected from declared types, names and values."),
+    Option("cursor", "CURSOR", "choice", "timestamp",
+           "What decides which rows are new: 'timestamp' (a (timestamp, rowid) keyset) or 'rowid' "
+           "(insertion order, for append-only tables whose rows may carry older timestamps).",
+           choices=("timestamp", "rowid")),
+    Option("source_timezone", "SOURCE_TIMEZONE", "str", "UTC",
+           "Time zone of timestamps stored without an offset (IANA name such as Europe/Berlin)."),
+    Option("invalid_timestamps", "INVALID_TIMESTAMPS", "choice", "upload",
+           "Rows whose timestamp is NULL or unreadable: 'upload' them with a NULL timestamp, or 'skip' "
+           "them. Either way they are counted in the logs and never block newer rows.",
+           choices=("upload", "skip")),
+    Option("batch_size", "BATCH_SIZE", "int", 100_000,
+           "Rows per batch: one read of SQLite, one commit to the target. Bounds memory.", minimum=1),
+    Option("sqlite_busy_timeout", "SQLITE_BUSY_TIMEOUT", "float", 30.0,
+           "Seconds to wait for a writer's lock before a read gives up.", minimum=0),
+    # --- Target selection and the local Delta target
+    Option("target", "UPLOAD_TARGET", "choice", "auto",
+           "Where rows go: 'delta' (a local or object-store Delta table), 'databricks', or 'auto' "
+           "(databricks when any Databricks connection setting is given, otherwise delta).",
+           choices=("auto", "delta", "databricks")),
+    Option("delta_path", "DELTA_PATH", "str", None,
+           "Delta table location: a directory or an s3://, abfss://, gs:// URI. "
+           "Default: ./lakehouse/<table name>."),
+    # --- Databricks
+    Option("databricks_host", "DATABRICKS_HOST", "str", None,
+           "Workspace host name, e.g. adb-123.azuredatabricks.net."),
+    Option("databricks_http_path", "DATABRICKS_HTTP_PATH", "str", None,
+           "HTTP path of the SQL warehouse or cluster, e.g. /sql/1.0/warehouses/abc123."),
+    Option("databricks_token", "DATABRICKS_TOKEN", "str", None,
+           "Personal access token. Prefer the environment variable: flags are visible to other processes.",
+           secret=True),
+    Option("databricks_database", "DATABRICKS_DATABASE", "str", "default",
+           "Schema (database) of the target table."),
+    Option("databricks_table", "DATABRICKS_TABLE", "str", None,
+           "Target table name. Default: the SQLite table's name."),
+    # --- Processing
+    Option("enable_sanitize", "ENABLE_SANITIZE", "bool", False, "Apply sanitize_config to each batch."),
+    Option("sanitize_config", "SANITIZE_CONFIG", "json", {},
+           "JSON/YAML mapping: remove_nulls (list of columns), replace_values ({column: {old: new}})."),
+    Option("enable_filter", "ENABLE_FILTER", "bool", False, "Apply filter_config to each batch."),
+    Option("filter_config", "FILTER_CONFIG", "json", {},
+           "JSON/YAML mapping {column: value | {operator: value}}; operators > >= < <= == != in not_in."),
+    Option("enable_aggregate", "ENABLE_AGGREGATE", "bool", False, "Apply aggregate_config to each batch."),
+    Option("aggregate_config", "AGGREGATE_CONFIG", "json", {},
+           "JSON/YAML mapping: group_by (columns or time buckets minute/hour/day), "
+           "aggregations ({column: avg|min|max|sum|count|first|last})."),
+    # --- Operation
+    Option("state_dir", "STATE_DIR", "str", "/state", "Directory of the state file (upload_state.json)."),
+    Option("interval", "UPLOAD_INTERVAL", "float", 300.0, "Seconds between upload cycles.", minimum=0),
+    Option("once", "ONCE", "bool", False, "Drain the backlog once, then exit (for batch jobs)."),
+    Option("log_level", "LOG_LEVEL", "choice", "INFO", "DEBUG, INFO, WARNING or ERROR.",
+           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("log_format", "LOG_FORMAT", "choice", "text", "'text' or 'json' (one JSON object per line).",
+           choices=("text", "json")),
+)
+OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration. Field names are the YAML keys."""
+
+    sqlite: str | None = None
+    sqlite_table_name: str | None = None
+    timestamp_col: str | None = None
+    cursor: str = "timestamp"
+    source_timezone: str = "UTC"
+    invalid_timestamps: str = "upload"
+    batch_size: int = 100_000
+    sqlite_busy_timeout: float = 30.0
+    target: str = "auto"
+    delta_path: str | None = None
+    databricks_host: str | None = None
+    databricks_http_path: str | None = None
+    databricks_token: str | None = None
+    databricks_database: str = "default"
+    databricks_table: str | None = None
+    enable_sanitize: bool = False
+    sanitize_config: dict = field(default_factory=dict)
+    enable_filter: bool = False
+    filter_config: dict = field(default_factory=dict)
+    enable_aggregate: bool = False
+    aggregate_config: dict = field(default_factory=dict)
+    state_dir: str = "/state"
+    interval: float = 300.0
+    once: bool = False
+    log_level: str = "INFO"
+    log_format: str = "text"
+    # Where each value came from ("default", "config file x.yaml", "environment", "flag").
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def __repr__(self) -> str:  # never show the token, whatever prints this object
+        shown = {k: v for k, v in self.masked().items() if k != "sources"}
+        return f"Settings({shown})"
+
+    __str__ = __repr__
+
+    def masked(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        for option in OPTIONS:
+            if option.secret and values.get(option.key):
+                values[option.key] = SECRET_MASK
+        return values
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What the command line asks for besides settings: an action and its output format."""
+
+    settings: Settings
+    run_query: str | None = None
+    output: str = "table"
+    config_path: str | None = None
+
+
+TRUE_WORDS = {"true", "1", "yes", "on", "y"}
+FALSE_WORDS = {"false", "0", "no", "off", "n", ""}
+
+
+def parse_bool(raw: Any, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+        return raw.strip().lower() in TRUE_WORDS
+    raise ConfigError(f"{where}: expected true or false (also 1/0, yes/no), got {raw!r}.")
+
+
+def convert_value(option: Option, raw: Any, where: str) -> Any:
+    """Turn a raw value from YAML, the environment or a flag into the option's type."""
+    if raw is None:
+        return None
+    kind = option.kind
+    if kind == "bool":
+        return parse_bool(raw, where)
+    if kind == "json":
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: not valid JSON ({exc.msg} at position {exc.pos}).") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (JSON object), got {type(value).__name__}.")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: expected a number, got {raw!r}.")
+        try:
+            number = int(str(raw).strip()) if kind == "int" else float(str(raw).strip())
+        except ValueError:
+            wanted = "a whole number" if kind == "int" else "a number"
+            raise ConfigError(f"{where}: expected {wanted}, got {raw!r}.") from None
+        if kind == "float" and not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {raw!r}.")
+        if option.minimum is not None and number < option.minimum:
+            raise ConfigError(f"{where}: must be at least {option.minimum:g}, got {raw!r}.")
+        return number
+    if isinstance(raw, (dict, list)):
+        raise ConfigError(f"{where}: expected a single value, got a {type(raw).__name__}.")
+    text = str(raw)
+    if kind == "choice":
+        match = {c.lower(): c for c in option.choices}.get(text.strip().lower())
+        if match is None:
+            raise ConfigError(f"{where}: must be one of {', '.join(option.choices)}; got {raw!r}.")
+        return match
+    return text
+
+
+def read_yaml_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist. Check --config.") from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {path} cannot be read: {exc.strerror}.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"Config file {path} is not valid YAML{at}: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must be a mapping of keys to values, not {type(data).__name__}.")
+    unknown = sorted(str(k) for k in data if k not in OPTIONS_BY_KEY)
+    if unknown:
+        raise ConfigError(
+            f"Config file {path}: unknown key(s) {', '.join(unknown)}. "
+            "See databricks-uploader-config.yaml.example for the valid keys."
+        )
+    return data
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sqlite_to_databricks_uploader.py",
+        description="Upload new rows of a SQLite table to a Databricks (or local Delta) table, exactly once.",
+        epilog="Every setting can also come from the YAML file (--config) or an environment variable; "
+        "precedence is flags > environment > YAML > defaults. Exit codes: 0 ok, 1 run-time failure, "
+        "2 bad configuration or input.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML configuration file.")
+    parser.add_argument("--run-query", metavar="SQL",
+                        help="Run SQL against the target and print the result, or INFO for a summary.")
+    parser.add_argument("--output", choices=("table", "json", "csv"), help="Output of --run-query (table).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {TOOL_VERSION}")
+    for option in OPTIONS:
+        env_note = f" [env {option.env}; default {option.default!r}]"
+        flags = (option.flag, *option.flags)
+        if option.kind == "bool":
+            parser.add_argument(*flags, dest=option.key, action=argparse.BooleanOptionalAction,
+                                help=option.help + env_note)
+        else:
+            parser.add_argument(*flags, dest=option.key, metavar=option.key.upper(),
+                                help=option.help + env_note)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = None) -> Invocation:
+    """Merge defaults < YAML < environment < flags, converting and checking each value."""
+    environ = dict(os.environ if environ is None else environ)
+    args = vars(build_arg_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    yaml_values = read_yaml_config(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        value, source = option.default, "default"
+        if option.key in yaml_values:
+            where = f"config file {config_path}, key '{option.key}'"
+            value, source = convert_value(option, yaml_values[option.key], where), where
+        if option.env in environ:
+            where = f"environment variable {option.env}"
+            value, source = convert_value(option, environ[option.env], where), where
+        if option.key in args:
+            where = f"flag {option.flag}"
+            value, source = convert_value(option, args[option.key], where), where
+            if option.secret:
+                LOG.warning("The token was given as a flag (%s): other users of this machine can see it "
+                            "in the process list. Prefer the %s environment variable.", option.flag, option.env)
+        values[option.key] = value
+        sources[option.key] = source
+    settings = Settings(**values, sources=sources)
+    validate_settings(settings)
+    return Invocation(settings=settings, run_query=args.get("run_query"),
+                      output=args.get("output", "table"), config_path=config_path)
+
+
+def validate_settings(settings: Settings) -> None:
+    """Cross-field checks that need no database."""
+    try:
+        timezone_from_name(settings.source_timezone)
+    except ConfigError as exc:
+        raise ConfigError(f"{settings.sources.get('source_timezone', 'source_timezone')}: {exc}") from None
+    for flag, config in (("enable_sanitize", "sanitize_config"), ("enable_filter", "filter_config"),
+                         ("enable_aggregate", "aggregate_config")):
+        if getattr(settings, config) and not getattr(settings, flag):
+            LOG.info("%s is set but %s is off: it is not applied.", config, flag)
+
+
+def timezone_from_name(name: str) -> timezone | Any:
+    if name.strip().upper() in ("UTC", "Z", "GMT", "ETC/UTC"):
+        return timezone.utc
+    offset = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", name.strip())
+    if offset:
+        sign = 1 if offset.group(1) == "+" else -1
+        return timezone(sign * timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3))))
+    try:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(name.strip())
+    except Exception:
+        raise ConfigError(f"unknown time zone {name!r}; use an IANA name (Europe/Berlin), UTC or +02:00.") from None
+
+
+def uses_databricks(settings: Settings) -> bool:
+    if settings.target != "auto":
+        return settings.target == "databricks"
+    return any((settings.databricks_host, settings.databricks_http_path, settings.databricks_token))
+
+
+# =====================================================================================
+# 2. Source: SQLite, read-only, writer-friendly
+# =====================================================================================
+
+TIMESTAMP_NAMES = (
+    "timestamp", "ts", "time", "event_time", "event_timestamp", "created_at", "created", "datetime",
+    "date_time", "recorded_at", "reading_time", "measured_at", "time_stamp", "timestamp_utc", "logged_at",
+    "inserted_at", "updated_at", "date",
+)
+TIMESTAMP_DECLARED = re.compile(r"DATE|TIME", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    declared_type: str
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """A SQLite table as the uploader sees it."""
+
+    name: str
+    columns: tuple[Column, ...]
+    locator: tuple[str, ...]  # ("rowid",) or the primary key of a WITHOUT ROWID table
+    timestamp_col: str | None
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for SQLite (double quotes, doubled inside)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def open_sqlite(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """Open the database read-only; autocommit so every statement is its own short read transaction."""
+    if not os.path.exists(path):
+        raise ConfigError(f"SQLite database {path} does not exist. Check sqlite / SQLITE_PATH / --sqlite.")
+    if os.path.isdir(path):
+        raise ConfigError(f"SQLite path {path} is a directory, not a database file.")
+    uri = f"file:{quote(os.path.abspath(path))}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None,
+                                     check_same_thread=False)
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise ConfigError(f"{path} is not a SQLite database (or it is corrupt): {exc}.") from None
+        if "unable to open" in str(exc) and not os.path.exists(path + "-wal"):
+            # A WAL database on a read-only mount with no writer: SQLite cannot create the -shm
+            # file. With no -wal file there is nothing uncommitted, so 'immutable' reads are exact.
+            LOG.info("Opening %s as immutable: its directory is read-only and no writer is active.", path)
+            connection = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=busy_timeout,
+                                         isolation_level=None, check_same_thread=False)
+        elif "locked" in str(exc) or "busy" in str(exc):
+            raise TransientError(f"SQLite database {path} is locked by a writer: {exc}.") from None
+        else:
+            raise ConfigError(f"SQLite database {path} cannot be opened: {exc}.") from None
+    connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    with contextlib.suppress(sqlite3.DatabaseError):
+        connection.execute("PRAGMA query_only = 1")
+    return connection
+
+
+def list_tables(connection: sqlite3.Connection) -> list[str]:
+    rows = connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
+        "ORDER BY name"
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def choose_table(connection: sqlite3.Connection, wanted: str | None, path: str) -> str:
+    tables = list_tables(connection)
+    if wanted:
+        if wanted in tables:
+            return wanted
+        folded = [t for t in tables if t.lower() == wanted.lower()]
+        if len(folded) == 1:
+            return folded[0]
+        listing = ", ".join(tables) or "none"
+        raise ConfigError(f"Table {wanted!r} does not exist in {path} (tables: {listing}). "
+                          "Check sqlite_table_name.")
+    if not tables:
+        raise ConfigError(f"{path} has no tables yet. Point sqlite at the sensor database, or wait until "
+                          "the application has created its table.")
+    if len(tables) > 1:
+        raise ConfigError(f"{path} has several tables ({', '.join(tables)}); set sqlite_table_name "
+                          "(SQLITE_TABLE_NAME, --sqlite-table-name) to the one to upload.")
+    LOG.info("Table %r picked: it is the only table in %s.", tables[0], path)
+    return tables[0]
+
+
+def read_columns(connection: sqlite3.Connection, table: str) -> tuple[tuple[Column, ...], list[str]]:
+    """The table's columns and its primary key columns (in key order)."""
+    rows = connection.execute(f"PRAGMA table_xinfo({quote_ident(table)})").fetchall()
+    # table_xinfo: cid, name, type, notnull, dflt_value, pk, hidden; hidden 1 = virtual-table column.
+    columns = tuple(Column(r[1], r[2] or "") for r in rows if r[6] in (0, 2, 3))
+    primary_key = [r[1] for r in sorted(rows, key=lambda r: r[5]) if r[5] > 0]
+    return columns, primary_key
+
+
+def table_locator(connection: sqlite3.Connection, table: str, columns: Sequence[Column],
+                  primary_key: list[str]) -> tuple[str, ...]:
+    """What orders rows of equal timestamp: the rowid, or the primary key of a WITHOUT ROWID table."""
+    names = {c.name.lower() for c in columns}
+    for alias in ("rowid", "_rowid_", "oid"):
+        if alias in names:
+            continue  # shadowed by a real column of that name
+        try:
+            connection.execute(f"SELECT {alias} FROM {quote_ident(table)} LIMIT 0")
+            return (alias,)
+        except sqlite3.OperationalError:
+            break
+    if primary_key:
+        return tuple(primary_key)
+    raise ConfigError(f"Table {table!r} has neither a rowid nor a primary key, so rows with equal "
+                      "timestamps cannot be told apart. Add a primary key.")
+
+
+def sample_values(connection: sqlite3.Connection, table: str, column: str, limit: int = 200) -> list:
+    return [r[0] for r in connection.execute(
+        f"SELECT {quote_ident(column)} FROM {quote_ident(table)} "
+        f"WHERE {quote_ident(column)} IS NOT NULL LIMIT {int(limit)}")]
+
+
+def looks_like_timestamps(values: list, tz: Any = timezone.utc) -> bool:
+    """True when most sampled values read as plausible datetimes (years 1990-2200)."""
+    if not values:
+        return False
+    low, high = 631152000 * 10**6, 7258118400 * 10**6
+    good = 0
+    for value in values:
+        micros = timestamp_to_micros(value, tz)
+        good += micros is not None and low <= micros <= high
+    return good >= 0.9 * len(values)
+
+
+def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns: Sequence[Column]) -> str:
+    """Pick the time column: declared type first, then well-known names, then the stored values."""
+    by_type = [c.name for c in columns if TIMESTAMP_DECLARED.search(c.declared_type)]
+    if len(by_type) == 1:
+        LOG.info("Timestamp column %r picked: its declared type is %s.", by_type[0],
+                 next(c.declared_type for c in columns if c.name == by_type[0]))
+        return by_type[0]
+    pool = by_type or [c.name for c in columns]
+    named = sorted((TIMESTAMP_NAMES.index(c.lower()), c) for c in pool if c.lower() in TIMESTAMP_NAMES)
+    if named and (len(named) == 1 or named[0][0] != named[1][0]):
+        LOG.info("Timestamp column %r picked: its name is a usual one for timestamps%s.", named[0][1],
+                 " (several columns have date/time types)" if by_type else "")
+        return named[0][1]
+    by_values = [c for c in pool if looks_like_timestamps(sample_values(connection, table, c))]
+    if len(by_values) == 1:
+        LOG.info("Timestamp column %r picked: its stored values read as datetimes.", by_values[0])
+        return by_values[0]
+    if len(by_values) > 1 or len(by_type) > 1:
+        candidates = by_values if len(by_values) > 1 else by_type
+        raise ConfigError(f"Several columns of {table!r} could be the timestamp ({', '.join(candidates)}); "
+                          "set timestamp_col (TIMESTAMP_COL, --timestamp-col).")
+    raise ConfigError(f"No timestamp column found in {table!r} (columns: {', '.join(c.name for c in columns)}). "
+                      "Set timestamp_col, or use cursor: rowid for tables without one.")
+
+
+def describe_source(settings: Settings) -> SourceTable:
+    """Open the database once at start-up and work out table, columns, locator and timestamp column."""
+    path = settings.sqlite
+    if not path:
+        raise ConfigError("No SQLite database given: set sqlite in the config, SQLITE_PATH or --sqlite.")
+    connection = open_sqlite(path, settings.sqlite_busy_timeout)
+    try:
+        table = choose_table(connection, settings.sqlite_table_name, path)
+        columns, primary_key = read_columns(connection, table)
+        locator = table_locator(connection, table, columns, primary_key)
+        timestamp_col = settings.timestamp_col
+        if timestamp_col:
+            matches = [c.name for c in columns if c.name.lower() == timestamp_col.lower()]
+            if not matches:
+                raise ConfigError(f"timestamp_col {timestamp_col!r} is not a column of {table!r} "
+                                  f"(columns: {', '.join(c.name for c in columns)}).")
+            timestamp_col = matches[0] if timestamp_col not in matches else timestamp_col
+        elif settings.cursor == "timestamp":
+            timestamp_col = detect_timestamp_column(connection, table, columns)
+        else:
+            with contextlib.suppress(ConfigError):
+                timestamp_col = detect_timestamp_column(connection, table, columns)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"Cannot read the schema of {path}: {exc}.") from None
+    finally:
+        connection.close()
+    return SourceTable(table, columns, locator, timestamp_col)
+
+
+# --- Timestamps: SQLite keeps them as TEXT, INTEGER (unix s/ms/us) or REAL (Julian day or unix s)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+JULIAN_UNIX_EPOCH = 2440587.5
+_ISO_FIX = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
+                      re.IGNORECASE)
+_NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
+
+
+def integer_epoch_to_micros(value: int) -> int:
+    """Unix time in seconds, milliseconds or microseconds, told apart by magnitude."""
+    magnitude = abs(value)
+    if magnitude < 100_000_000_000:  # < 1e11: seconds (up to year 5138)
+        return value * 1_000_000
+    if magnitude < 100_000_000_000_000:  # < 1e14: milliseconds
+        return value * 1_000
+    return value
+
+
+def real_to_micros(value: float) -> int | None:
+    """REAL values below 1e7 are Julian days (SQLite's julianday()); larger ones unix seconds."""
+    if not math.isfinite(value):
+        return None
+    if abs(value) < 10_000_000:
+        # A double holds a Julian day to ~40 us; SQLite itself resolves them to milliseconds.
+        return round((value - JULIAN_UNIX_EPOCH) * 86_400_000) * 1_000
+    if abs(value) < 100_000_000_000:
+        return round(value * 1_000_000)
+    return integer_epoch_to_micros(round(value))
+
+
+def text_to_micros(text: str, naive_tz: Any) -> int | None:
+    stripped = text.strip()
+    if not stripped:
+        return None
+    if _NUMBER.match(stripped):
+        return real_to_micros(float(stripped)) if "." in stripped else integer_epoch_to_micros(int(stripped))
+    try:
+        moment = datetime.fromisoformat(stripped)
+    except ValueError:
+        match = _ISO_FIX.match(stripped)  # Python 3.10 and forms fromisoformat refuses
+        if not match:
+            return None
+        day, clock, fraction, offset = match.groups()
+        normal = day + (" " + clock if clock else "")
+        if clock and clock.count(":") == 1:
+            normal += ":00"
+        if fraction:
+            normal += "." + fraction[:6].ljust(6, "0")
+        if offset:
+            offset = "+00:00" if offset.upper() == "Z" else offset
+            normal += offset if ":" in offset else offset[:3] + ":" + offset[3:]
+        try:
+            moment = datetime.fromisoformat(normal)
+        except ValueError:
+            return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=naive_tz) if naive_tz is timezone.utc else _localize(moment, naive_tz)
+    delta = moment - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _localize(moment: datetime, tz: Any) -> datetime:
+    # zoneinfo resolves ambiguous/missing wall-clock times with fold=0, the usual convention.
+    return moment.replace(tzinfo=tz)
+
+
+def timestamp_to_micros(value: Any, naive_tz: Any = timezone.utc) -> int | None:
+    """Microseconds since 1970-01-01 UTC for any SQLite timestamp form, None when unreadable."""
+    try:
+        if value is None or isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            micros = integer_epoch_to_micros(value)
+        elif isinstance(value, float):
+            micros = real_to_micros(value)
+        elif isinstance(value, str):
+            micros = text_to_micros(value, naive_tz)
+        elif isinstance(value, bytes):
+            micros = text_to_micros(value.decode("utf-8"), naive_tz)
+        else:
+            return None
+    except (ValueError, OverflowError, UnicodeDecodeError):
+        return None
+    # Arrow/Delta/Spark timestamps cover years 0001-9999.
+    if micros is None or not -62135596800_000_000 <= micros <= 253402300799_999_999:
+        return None
+    return micros
+
+
+def micros_to_iso(micros: int | None) -> str | None:
+    if micros is None:
+        return None
+    moment = EPOCH + timedelta(microseconds=micros)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}"
+    return text + "Z"
+
+
+def cursor_key_udf(naive_tz: Any) -> Callable[[Any], int | None]:
+    """The Python side of the cursor key, for values SQLite's date functions cannot read."""
+
+    def key(value: Any) -> int | None:
+        micros = timestamp_to_micros(value, naive_tz)
+        return None if micros is None else (micros + 500) // 1000
+
+    return key
+
+
+def cursor_key_sql(column: str, python_for_text: bool) -> str:
+    """SQL for a row's cursor key: integer milliseconds since 1970 UTC, NULL when unreadable.
+
+    It is computed inside SQLite so that windows and batches are planned without moving rows
+    into Python. Date-like text goes through julianday() (milliseconds, exact when rounded; the
+    '-' test keeps julianday('now') and numbers-as-text out); forms it does not know, and naive
+    text in a non-UTC zone, go to the registered Python function upl_key().
+    The same function is applied on both sides of every comparison, so the key only has to be
+    deterministic, not identical to the uploaded value's precision (microseconds).
+    """
+    c = quote_ident(column)
+    text_branch = (
+        f"upl_key({c})" if python_for_text else
+        f"coalesce(CASE WHEN substr({c}, 5, 1) = '-' "
+        f"THEN CAST(round((julianday({c}) - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) END, upl_key({c}))"
+    )
+    return (
+        f"(CASE typeof({c}) "
+        f"WHEN 'integer' THEN CASE WHEN abs({c}) < 100000000000 THEN {c} * 1000 "
+        f"WHEN abs({c}) < 100000000000000 THEN {c} ELSE {c} / 1000 END "
+        f"WHEN 'real' THEN CASE WHEN abs({c}) < 10000000.0 "
+        f"THEN CAST(round(({c} - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) "
+        f"WHEN abs({c}) < 100000000000.0 THEN CAST(round({c} * 1000.0) AS INTEGER) "
+        f"ELSE upl_key({c}) END "
+        f"WHEN 'text' THEN {text_branch} "
+        f"WHEN 'blob' THEN upl_key({c}) END)"
+    )
+
+
+# =====================================================================================
+# 3. Cursor: a (timestamp, rowid) keyset watermark, read window by window
+# =====================================================================================
+#
+# A cycle starts by planning a *window*: one scan of the table (inside SQLite) finds the
+# highest locator (rowid) that exists now -- the window's top -- and which rows below it are
+# still pending: those whose (key, rowid) is above the watermark, plus rows whose timestamp
+# is unreadable (key NULL) and above the null watermark. The window is then read in locator
+# order in batches of batch_size rows, each in its own short read transaction, so no snapshot
+# is held while a batch uploads. When the window is finished the watermark becomes
+# (highest key seen, window top). Rows with a key equal to the watermark's but a higher rowid
+# are therefore still pending: ties at a batch or cycle edge are neither lost nor sent twice.
+
+
+@dataclass
+class Window:
+    """A cycle's fixed slice of the table, read batch by batch."""
+
+    top: list  # highest locator at planning time; rows above it wait for the next cycle
+    top_key: int | None  # highest pending cursor key at planning time
+    start: list | None  # first pending locator (single-column locators), read inclusively
+    done: list | None  # rows at or below this locator inside the window are uploaded
+    filtered: bool  # True when the window holds rows that are not pending: batches test the key
+    rows: int  # pending rows at planning time
+    rows_done: int = 0
+
+
+@dataclass
+class Watermark:
+    """Everything the cursor needs; stored in the state file and in the target's commit record."""
+
+    mode: str = "timestamp"
+    key: int | None = None  # cursor key (ms since 1970 UTC) of the last finished window
+    loc: list | None = None  # locator at the top of the last finished window
+    null_loc: list | None = None  # unreadable-timestamp rows are done up to this locator
+    last_upload: int | None = None  # highest uploaded timestamp, microseconds (for people)
+    window: Window | None = None
+
+    def to_json(self) -> dict:
+        return json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict) -> Watermark:
+        data = json_restore(dict(data))
+        window = data.pop("window", None)
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"unknown cursor fields {sorted(unknown)}")
+        return cls(**data, window=Window(**window) if window else None)
+
+
+def json_safe(value: Any) -> Any:
+    """Locators may be BLOB primary keys; keep them exact in JSON."""
+    if isinstance(value, bytes):
+        return {"$hex": value.hex()}
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_restore(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"$hex"}:
+            return bytes.fromhex(value["$hex"])
+        return {k: json_restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_restore(v) for v in value]
+    return value
+
+
+class SourceReader:
+    """Reads pending rows of one table; knows the SQL of the cursor."""
+
+    KEY = "__upl_key"
+
+    def __init__(self, settings: Settings, table: SourceTable):
+        self.settings = settings
+        self.table = table
+        self.path = settings.sqlite or ""
+        self.naive_tz = timezone_from_name(settings.source_timezone)
+        python_for_text = self.naive_tz is not timezone.utc
+        self.key_sql = cursor_key_sql(table.timestamp_col, python_for_text) if table.timestamp_col else "NULL"
+        self.loc_sql = ", ".join(self._loc_term(c) for c in table.locator)
+        self.loc_row = f"({self.loc_sql})"
+        self.from_sql = quote_ident(table.name)
+        self.columns_sql = ", ".join(quote_ident(c) for c in table.column_names)
+
+    @staticmethod
+    def _loc_term(column: str) -> str:
+        return column if column in ("rowid", "_rowid_", "oid") else quote_ident(column)
+
+    def connect(self) -> sqlite3.Connection:
+        connection = open_sqlite(self.path, self.settings.sqlite_busy_timeout)
+        connection.create_function("upl_key", 1, cursor_key_udf(self.naive_tz), deterministic=True)
+        return connection
+
+    # -- SQL fragments -----------------------------------------------------------------
+    def _marks(self, values: Sequence) -> str:
+        return "(" + ", ".join("?" for _ in values) + ")"
+
+    def pending_sql(self, mark: Watermark, key: str, locs: Sequence[str]) -> tuple[str, list]:
+        """Rows above the watermark. `key` and `locs` are the SQL (or aliases) of key and locator."""
+        loc_list = ", ".join(locs)
+        if mark.mode == "rowid":
+            if mark.loc is None:
+                return "1", []
+            return f"({loc_list}) > {self._marks(mark.loc)}", list(mark.loc)
+        params: list = []
+        if mark.key is None:
+            keyed = f"{key} IS NOT NULL"
+        else:
+            keyed = f"({key}, {loc_list}) > (?, {', '.join('?' for _ in mark.loc)})"
+            params += [mark.key, *mark.loc]
+        if mark.null_loc is None:
+            unkeyed = f"{key} IS NULL"
+        else:
+            unkeyed = f"({key} IS NULL AND ({loc_list}) > {self._marks(mark.null_loc)})"
+            params += list(mark.null_loc)
+        return f"({keyed} OR {unkeyed})", params
+
+    # -- planning ------------------------------------------------------------------------
+    def plan_window(self, connection: sqlite3.Connection, mark: Watermark) -> Window | None:
+        """Fix this cycle's window with one scan; None when nothing is pending."""
+        order_desc = ", ".join(f"{t} DESC" for t in self._loc_terms())
+        top_row = connection.execute(
+            f"SELECT {self.loc_sql} FROM {self.from_sql} ORDER BY {order_desc} LIMIT 1").fetchone()
+        if top_row is None:
+            return None
+        top = list(top_row)
+        single = len(top) == 1
+        if mark.mode == "rowid":
+            lower, params = self.pending_sql(mark, "NULL", self._loc_terms())
+            count, first = connection.execute(
+                f"SELECT count(*), min({self.loc_sql}) FROM {self.from_sql} "
+                f"WHERE {self.loc_row} <= {self._marks(top)} AND {lower}", [*top, *params]).fetchone()
+            if not count:
+                return None
+            return Window(top=top, top_key=None, start=[first] if single else None, done=None,
+                          filtered=not single, rows=count)
+        aliases = [f"l{i}" for i in range(len(top))]
+        pending, params = self.pending_sql(mark, "k", aliases)
+        inner = (f"SELECT {self.key_sql} AS k, "
+                 + ", ".join(f"{t} AS {a}" for t, a in zip(self._loc_terms(), aliases))
+                 + f" FROM {self.from_sql} WHERE {self.loc_row} <= {self._marks(top)}")
+        # One scan (LIMIT -1 stops SQLite from inlining the key expression into every
+        # aggregate, which would evaluate it four times per row). Besides the count and the
+        # highest pending key it finds the first pending locator and the last locator that is
+        # *not* pending: when nothing settled follows the first pending row (the usual
+        # append-only case), batches are read by locator range alone, without the key.
+        extra = (f", min(l0) FILTER (WHERE {pending}), max(l0) FILTER (WHERE NOT {pending})"
+                 if single else ", NULL, NULL")
+        repeats = 4 if single else 2
+        count, top_key, first_loc, last_settled = connection.execute(
+            f"SELECT count(*) FILTER (WHERE {pending}), max(k) FILTER (WHERE {pending}){extra} "
+            f"FROM ({inner} LIMIT -1)", [*(params * repeats), *top]).fetchone()
+        if not count:
+            return None
+        filtered = not single or (last_settled is not None and last_settled > first_loc)
+        return Window(top=top, top_key=top_key, start=[first_loc] if single else None, done=None,
+                      filtered=filtered, rows=count)
+
+    def _loc_terms(self) -> list[str]:
+        return [self._loc_term(c) for c in self.table.locator]
+
+    # -- reading -------------------------------------------------------------------------
+    def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
+                   limit: int) -> RawBatch:
+        """The next rows of the window in locator order, in one short read transaction."""
+        bounds = [f"{self.loc_row} <= {self._marks(window.top)}"]
+        params: list = list(window.top)
+        if window.done is not None:
+            bounds.append(f"{self.loc_row} > {self._marks(window.done)}")
+            params += window.done
+        elif window.start is not None:
+            bounds.append(f"{self.loc_row} >= {self._marks(window.start)}")
+            params += window.start
+        width = len(self.table.locator)
+        loc_aliases = ", ".join(f"__l{i}" for i in range(width))
+        order = ", ".join(f"__l{i}" for i in range(width))
+        select = (f"SELECT {', '.join(f'{t} AS __l{i}' for i, t in enumerate(self._loc_terms()))}, "
+                  f"{self.columns_sql} FROM {self.from_sql} WHERE {' AND '.join(bounds)}")
+        if window.filtered:
+            pending, pending_params = self.pending_sql(mark, self.KEY, loc_aliases.split(", "))
+            sql = (f"SELECT * FROM (SELECT {self.key_sql} AS {self.KEY}, {select.removeprefix('SELECT ')} "
+                   f"LIMIT -1) WHERE {pending} ORDER BY {order} LIMIT {int(limit)}")
+            params += pending_params
+        else:
+            sql = f"{select} ORDER BY {order} LIMIT {int(limit)}"
+        try:
+            rows = fetch_all(connection, sql, params)
+        except sqlite3.OperationalError as exc:
+            if "decode" not in str(exc).lower():
+                raise
+            LOG.warning("Some TEXT values are not valid UTF-8; they are uploaded with the bad bytes "
+                        "replaced by U+FFFD.")
+            connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
+            try:
+                rows = fetch_all(connection, sql, params)
+            finally:
+                connection.text_factory = str
+        skip = 1 if window.filtered else 0
+        names = self.table.column_names
+        if not rows:
+            return RawBatch(columns={n: [] for n in names}, last_loc=None, count=0)
+        columns = list(zip(*rows))
+        last = rows[-1]
+        return RawBatch(
+            columns={n: list(columns[skip + width + i]) for i, n in enumerate(names)},
+            last_loc=list(last[skip:skip + width]),
+            count=len(rows),
+        )
+
+
+@dataclass
+class RawBatch:
+    """Rows as SQLite gave them, column by column."""
+
+    columns: dict[str, list]
+    last_loc: list | None
+    count: int
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Building many small tuples triggers the cyclic GC constantly; it finds nothing here."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def fetch_all(connection: sqlite3.Connection, sql: str, params: Sequence) -> list[tuple]:
+    """Run one read and drain it at once: the statement (and its snapshot) ends here."""
+    rows: list[tuple] = []
+    with gc_paused():
+        cursor = connection.execute(sql, params)
+        try:
+            while chunk := cursor.fetchmany(4096):
+                rows.extend(chunk)
+        finally:
+            cursor.close()
+    return rows
+
+
+# --- From SQLite values to typed Arrow columns
+
+def arrow_type_for_declared(declared: str, is_cursor_column: bool) -> Any:
+    """SQLite's type-affinity rules, extended with the date/time and boolean names people use."""
+    import pyarrow as pa
+
+    upper = declared.upper()
+    if is_cursor_column or "TIMESTAMP" in upper or "DATETIME" in upper or upper.endswith("TIME"):
+        return pa.timestamp("us", tz="UTC")
+    if upper == "DATE":
+        return pa.date32()
+    if "BOOL" in upper:
+        return pa.bool_()
+    if "INT" in upper:
+        return pa.int64()
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT")):
+        return pa.string()
+    if "BLOB" in upper:
+        return pa.binary()
+    if any(word in upper for word in ("REAL", "FLOA", "DOUB", "NUMERIC", "DECIMAL", "NUM")):
+        return pa.float64()
+    return None  # no declared type: decided from the values
+
+
+def arrow_type_from_values(values: Sequence) -> Any:
+    import pyarrow as pa
+
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds:
+        return pa.string()
+    if kinds <= {int}:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    if kinds <= {bytes}:
+        return pa.binary()
+    return pa.string()
+
+
+def plan_column_types(table: SourceTable, connection: sqlite3.Connection) -> dict[str, Any]:
+    """Arrow type per source column, from declared types or, without one, a sample of values."""
+    types: dict[str, Any] = {}
+    for column in table.columns:
+        arrow_type = arrow_type_for_declared(column.declared_type, column.name == table.timestamp_col)
+        if arrow_type is None:
+            arrow_type = arrow_type_from_values(sample_values(connection, table.name, column.name, 1000))
+        types[column.name] = arrow_type
+    return types
+
+
+@dataclass
+class ConversionReport:
+    """Values that could not be kept in their column's type (uploaded as NULL)."""
+
+    nulled: dict[str, int] = field(default_factory=dict)
+    invalid_timestamps: int = 0
+
+
+def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
+                    report: ConversionReport) -> Any:
+    """Build one typed Arrow column; a value that does not fit becomes NULL and is counted."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type):
+        micros = timestamps_to_micros(values, naive_tz)
+        bad = sum(1 for v, m in zip(values, micros) if m is None and v is not None)
+        if bad:
+            report.nulled[name] = report.nulled.get(name, 0) + bad
+        if pa.types.is_date32(arrow_type):
+            return pa.array([None if m is None else m // 86_400_000_000 for m in micros], pa.date32())
+        return pa.array(micros, pa.timestamp("us", tz=arrow_type.tz))
+    try:
+        return pa.array(values, type=arrow_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+        pass
+    coerce = COERCIONS.get(str(arrow_type), lambda v: v)
+    fixed = []
+    bad = 0
+    for value in values:
+        try:
+            converted = None if value is None else coerce(value)
+        except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+            converted = None
+        bad += converted is None and value is not None
+        fixed.append(converted)
+    if bad:
+        report.nulled[name] = report.nulled.get(name, 0) + bad
+    return pa.array(fixed, type=arrow_type)
+
+
+def timestamps_to_micros(values: list, naive_tz: Any) -> list[int | None]:
+    # Sensor sweeps repeat the same timestamp for every device: a small cache pays off.
+    cache: dict[Any, int | None] = {}
+    out = []
+    for value in values:
+        if value in cache and type(value) is not bool:
+            out.append(cache[value])
+            continue
+        micros = timestamp_to_micros(value, naive_tz)
+        if len(cache) > 4096:
+            cache.clear()
+        if isinstance(value, (str, int, float)):
+            cache[value] = micros
+        out.append(micros)
+    return out
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("fraction")
+        return int(value)
+    if isinstance(value, bytes):
+        raise ValueError("bytes")
+    return int(str(value).strip())
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bytes):
+        raise ValueError("bytes")
+    return float(value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, (int, float)):
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError("not 0/1")
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS - {""}:
+        return True
+    if word in FALSE_WORDS - {""}:
+        return False
+    raise ValueError("not a boolean")
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and value.is_integer():
+        return repr(value)
+    return str(value)
+
+
+def _to_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+COERCIONS: dict[str, Callable[[Any], Any]] = {
+    "int64": _to_int, "double": _to_float, "bool": _to_bool, "string": _to_str, "large_string": _to_str,
+    "binary": _to_bytes, "large_binary": _to_bytes,
+}
+
+
+# =====================================================================================
+# 4. Transforms: sanitize -> filter -> aggregate, on each batch (pandas)
+# =====================================================================================
+
+FILTER_OPERATORS = (">", ">=", "<", "<=", "==", "!=", "in", "not_in")
+AGGREGATIONS = {"avg": "mean", "mean": "mean", "min": "min", "max": "max", "sum": "sum",
+                "count": "count", "first": "first", "last": "last"}
+NUMERIC_ONLY = {"avg", "mean", "sum"}
+TIME_BUCKETS = {"second": "s", "minute": "min", "hour": "h", "day": "D"}
+
+
+@dataclass(frozen=True)
+class TransformPlan:
+    """Validated transform settings; empty parts are skipped."""
+
+    remove_nulls: tuple[str, ...] = ()
+    replace_values: dict = field(default_factory=dict)
+    filters: tuple[tuple[str, str, Any], ...] = ()
+    group_by: tuple[str, ...] = ()
+    buckets: dict = field(default_factory=dict)  # derived group column -> pandas frequency
+    aggregations: dict = field(default_factory=dict)  # output column -> (input column | None, function)
+    timestamp_col: str | None = None
+
+    @property
+    def sanitizes(self) -> bool:
+        return bool(self.remove_nulls or self.replace_values)
+
+    @property
+    def aggregates(self) -> bool:
+        return bool(self.aggregations or self.group_by)
+
+
+def _where(settings: Settings, key: str) -> str:
+    return settings.sources.get(key, key)
+
+
+def _columns_check(names: Sequence[str], columns: Sequence[str], where: str, what: str) -> list[str]:
+    resolved = []
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: {what} must name columns, got {name!r}.")
+        if name not in columns:
+            raise ConfigError(f"{where}: {what} names column {name!r}, which the table does not have "
+                              f"(columns: {', '.join(columns)}).")
+        resolved.append(name)
+    return resolved
+
+
+def build_transform_plan(settings: Settings, columns: Sequence[str], types: dict[str, Any],
+                         timestamp_col: str | None) -> TransformPlan:
+    """Check every transform setting against the real columns, at start-up."""
+    import pyarrow as pa
+
+    plan: dict[str, Any] = {"timestamp_col": timestamp_col}
+    if settings.enable_sanitize:
+        where = _where(settings, "sanitize_config")
+        config = dict(settings.sanitize_config)
+        unknown = set(config) - {"remove_nulls", "replace_values"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown sanitize option(s) {', '.join(sorted(unknown))}; "
+                              "use remove_nulls and replace_values.")
+        nulls = config.get("remove_nulls", [])
+        if isinstance(nulls, str):
+            nulls = [nulls]
+        if not isinstance(nulls, list):
+            raise ConfigError(f"{where}: remove_nulls must be a list of column names.")
+        plan["remove_nulls"] = tuple(_columns_check(nulls, columns, where, "remove_nulls"))
+        replace = config.get("replace_values", {})
+        if not isinstance(replace, dict) or not all(isinstance(v, dict) for v in replace.values()):
+            raise ConfigError(f"{where}: replace_values must map each column to {{old value: new value}}.")
+        _columns_check(list(replace), columns, where, "replace_values")
+        plan["replace_values"] = replace
+    if settings.enable_filter:
+        plan["filters"] = tuple(_filter_terms(settings, columns, types))
+    if settings.enable_aggregate:
+        plan.update(_aggregate_terms(settings, columns, types, timestamp_col, pa))
+    return TransformPlan(**plan)
+
+
+def _filter_terms(settings: Settings, columns: Sequence[str], types: dict[str, Any]) -> Iterator[tuple]:
+    where = _where(settings, "filter_config")
+    for column, rule in settings.filter_config.items():
+        _columns_check([column], columns, where, "a filter")
+        pairs = rule.items() if isinstance(rule, dict) else [("==", rule)]
+        if isinstance(rule, dict) and not rule:
+            raise ConfigError(f"{where}: the filter on {column!r} has no operator.")
+        for operator, value in pairs:
+            if operator not in FILTER_OPERATORS:
+                raise ConfigError(f"{where}: unknown operator {operator!r} for column {column!r}; "
+                                  f"use one of {' '.join(FILTER_OPERATORS)}.")
+            if operator in ("in", "not_in"):
+                if not isinstance(value, list):
+                    raise ConfigError(f"{where}: operator {operator!r} on {column!r} needs a list of values.")
+            elif isinstance(value, (list, dict)):
+                raise ConfigError(f"{where}: operator {operator!r} on {column!r} needs a single value, "
+                                  f"got {type(value).__name__}.")
+            elif operator in (">", ">=", "<", "<=") and (value is None or isinstance(value, bool)):
+                raise ConfigError(f"{where}: operator {operator!r} on {column!r} needs a number, text "
+                                  f"or date, got {value!r}.")
+            yield column, operator, _filter_value(value, types.get(column), where, column)
+
+
+def _filter_value(value: Any, arrow_type: Any, where: str, column: str) -> Any:
+    import pyarrow as pa
+
+    if arrow_type is None or not pa.types.is_timestamp(arrow_type) or value is None:
+        return value
+    values = value if isinstance(value, list) else [value]
+    converted = []
+    for item in values:
+        micros = timestamp_to_micros(item)
+        if micros is None:
+            raise ConfigError(f"{where}: {item!r} is not a date/time, but {column!r} holds timestamps.")
+        converted.append(micros)
+    return converted if isinstance(value, list) else converted[0]
+
+
+def _aggregate_terms(settings: Settings, columns: Sequence[str], types: dict[str, Any],
+                     timestamp_col: str | None, pa: Any) -> dict[str, Any]:
+    where = _where(settings, "aggregate_config")
+    config = dict(settings.aggregate_config)
+    unknown = set(config) - {"group_by", "aggregations"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown aggregate option(s) {', '.join(sorted(unknown))}; "
+                          "use group_by and aggregations.")
+    group_by = config.get("group_by", [])
+    if isinstance(group_by, str):
+        group_by = [group_by]
+    if not isinstance(group_by, list):
+        raise ConfigError(f"{where}: group_by must be a list of columns or time buckets.")
+    buckets = {}
+    for name in group_by:
+        if isinstance(name, str) and name not in columns and name in TIME_BUCKETS:
+            if not timestamp_col:
+                raise ConfigError(f"{where}: group_by {name!r} needs a timestamp column; set timestamp_col.")
+            buckets[name] = TIME_BUCKETS[name]
+        else:
+            _columns_check([name], columns, where, "group_by")
+    aggregations = config.get("aggregations", {})
+    if not isinstance(aggregations, dict) or not aggregations:
+        raise ConfigError(f"{where}: aggregations must map columns to functions "
+                          f"({', '.join(AGGREGATIONS)}), e.g. {{temperature: avg}}.")
+    outputs: dict[str, tuple[str | None, str]] = {}
+    for column, functions in aggregations.items():
+        names = functions if isinstance(functions, list) else [functions]
+        for function in names:
+            if not isinstance(function, str) or function.lower() not in AGGREGATIONS:
+                raise ConfigError(f"{where}: unknown aggregation {function!r} for {column!r}; "
+                                  f"use one of {', '.join(AGGREGATIONS)}.")
+            function = function.lower()
+            source: str | None = column
+            if column not in columns:
+                if function != "count":
+                    raise ConfigError(f"{where}: aggregations names column {column!r}, which the table "
+                                      f"does not have (columns: {', '.join(columns)}).")
+                source = None  # 'readings: count' counts the rows of each group
+            elif function in NUMERIC_ONLY:
+                arrow_type = types.get(column)
+                if arrow_type is not None and not (pa.types.is_integer(arrow_type)
+                                                   or pa.types.is_floating(arrow_type)):
+                    raise ConfigError(f"{where}: {function} of {column!r} needs numbers, but the column "
+                                      f"holds {arrow_type}.")
+            output = column if len(names) == 1 else f"{column}_{function}"
+            if output in group_by or output in buckets:
+                raise ConfigError(f"{where}: {column!r} is both grouped by and aggregated.")
+            outputs[output] = (source, AGGREGATIONS[function])
+    return {"group_by": tuple(group_by), "buckets": buckets, "aggregations": outputs}
+
+
+@dataclass
+class TransformCounts:
+    sanitize: int = 0
+    filter: int = 0
+    aggregate: int = 0
+
+
+def apply_transforms(table: Any, plan: TransformPlan, counts: TransformCounts) -> Any:
+    """Run the enabled transforms on one batch; counts rows each one removed."""
+    if not (plan.sanitizes or plan.filters or plan.aggregates) or table.num_rows == 0:
+        return table
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = table.to_pandas(types_mapper=pd.ArrowDtype)  # Arrow-backed: exact ints, real NULLs
+    before = len(frame)
+    if plan.remove_nulls:
+        frame = frame.dropna(subset=list(plan.remove_nulls))
+    for column, mapping in plan.replace_values.items():
+        frame[column] = _replace(frame[column], mapping, pd, pa)
+    counts.sanitize += before - len(frame)
+    before = len(frame)
+    if plan.filters:
+        keep = pd.Series(True, index=frame.index)
+        for column, operator, value in plan.filters:
+            keep &= _filter_mask(frame[column], operator, value, pd)
+        frame = frame[keep]
+    counts.filter += before - len(frame)
+    before = len(frame)
+    if plan.aggregates:
+        frame = _aggregate(frame, plan, pd)
+        counts.aggregate += before - len(frame)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _replace(series: Any, mapping: dict, pd: Any, pa: Any) -> Any:
+    values = series.astype(object).where(series.notna(), None)
+    replaced = values.map(lambda v: mapping.get(v, v) if isinstance(v, (str, int, float)) else v)
+    try:
+        return pd.Series(pa.array(replaced.tolist(), type=series.dtype.pyarrow_dtype),
+                         index=series.index, dtype=series.dtype)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        return pd.Series(replaced.tolist(), index=series.index, dtype="string[pyarrow]")
+
+
+def _filter_mask(series: Any, operator: str, value: Any, pd: Any) -> Any:
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(series.dtype.pyarrow_dtype) and value is not None:
+        to_ts = lambda m: pd.Timestamp(m, unit="us", tz="UTC")  # noqa: E731
+        value = [to_ts(v) for v in value] if isinstance(value, list) else to_ts(value)
+    if operator in ("in", "not_in"):
+        mask = series.isin(value)
+        mask = ~mask if operator == "not_in" else mask
+        return mask.fillna(False).astype(bool) & (series.notna() if operator == "not_in" else True)
+    if value is None:
+        return series.isna() if operator == "==" else series.notna()
+    compare = {">": series.gt, ">=": series.ge, "<": series.lt, "<=": series.le, "==": series.eq,
+               "!=": series.ne}[operator]
+    try:
+        return compare(value).fillna(False).astype(bool)
+    except (TypeError, pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        raise UploaderError(f"filter_config: cannot compare column {series.name!r} "
+                            f"({series.dtype}) with {value!r}.") from None
+
+
+def _aggregate(frame: Any, plan: TransformPlan, pd: Any) -> Any:
+    keys = list(plan.group_by)
+    for bucket, frequency in plan.buckets.items():
+        frame = frame.assign(**{bucket: frame[plan.timestamp_col].dt.floor(frequency)})
+    named = {}
+    for output, (source, function) in plan.aggregations.items():
+        if source is None:
+            named[output] = pd.NamedAgg(column=keys[0] if keys else frame.columns[0], aggfunc="size")
+        else:
+            named[output] = pd.NamedAgg(column=source, aggfunc=function)
+    if not keys:
+        frame = frame.assign(__all=0)
+        result = frame.groupby("__all", dropna=False).agg(**named).reset_index(drop=True)
+    else:
+        result = frame.groupby(keys, dropna=False, sort=True).agg(**named).reset_index()
+    for output, (_source, function) in plan.aggregations.items():
+        if function in ("count", "size") or _source is None:
+            result[output] = result[output].astype("int64[pyarrow]")
+    return result
+
+
+# =====================================================================================
+# 5. Targets
+# =====================================================================================
+
+
+@dataclass
+class Batch:
+    """One unit of upload: rows plus the watermark that is true once they are committed."""
+
+    seq: int
+    rows: Any  # pyarrow.Table
+    app_id: str
+    watermark: Watermark
+    rows_read: int
+    first_ts: int | None = None
+    last_ts: int | None = None
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """What the target says this uploader committed last (the source of truth after a crash)."""
+
+    seq: int
+    watermark: Watermark
+
+
+class Target(Protocol):
+    """Where batches go. Every write must be idempotent per (app_id, seq)."""
+
+    kind: str
+
+    def describe(self) -> str: ...
+
+    def prepare(self, schema: Any) -> Any: ...
+
+    def committed(self, app_id: str) -> CommitRecord | None: ...
+
+    def write(self, batch: Batch) -> None: ...
+
+    def run_query(self, sql: str) -> Any: ...
+
+    def info(self, app_id: str | None) -> list[tuple[str, str]]: ...
+
+    def close(self) -> None: ...
+
+
+META_APP = "uploader.app_id"
+META_SEQ = "uploader.seq"
+META_WATERMARK = "uploader.watermark"
+
+
+def default_table_name(settings: Settings, source_table: str | None) -> str:
+    name = settings.databricks_table or source_table
+    if not name:
+        raise ConfigError("No table name: set databricks_table, sqlite_table_name or sqlite.")
+    return name
+
+
+class DeltaTarget:
+    """A Delta Lake table written by delta-rs: the embedded default, no workspace needed.
+
+    Exactly-once: each batch is committed with a Delta application transaction
+    (app id, batch sequence number) and the batch's watermark in the commit's metadata, all
+    in the same atomic commit. After a crash the table itself says which batch committed last.
+    """
+
+    kind = "delta"
+
+    def __init__(self, settings: Settings, table_name: str):
+        self.database = settings.databricks_database or "default"
+        self.table_name = table_name
+        self.location = settings.delta_path or os.path.join("lakehouse", table_name)
+        if "://" not in self.location:
+            self.location = os.path.abspath(self.location)
+        self.schema: Any = None
+
+    def describe(self) -> str:
+        return f"delta:{self.location}"
+
+    def _open(self) -> Any:
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            return DeltaTable(self.location)
+        except TableNotFoundError:
+            return None
+        except Exception as exc:
+            raise TransientError(f"Cannot open the Delta table at {self.location}: {exc}") from None
+
+    def prepare(self, schema: Any) -> Any:
+        """Return the schema batches must have: the table's types for its columns, plus new ones."""
+        import pyarrow as pa
+
+        table = self._open()
+        if table is None:
+            self.schema = schema
+            return schema
+        existing = pa.schema(table.schema().to_arrow())
+        fields = list(existing)
+        known = {f.name.lower() for f in fields}
+        added = [f for f in schema if f.name.lower() not in known]
+        if added:
+            LOG.info("New source column(s) %s will be added to the Delta table.",
+                     ", ".join(f.name for f in added))
+        self.schema = pa.schema(fields + added)
+        return self.schema
+
+    def committed(self, app_id: str) -> CommitRecord | None:
+        table = self._open()
+        if table is None:
+            return None
+        seq = table.transaction_version(app_id)
+        if seq is None:
+            return None
+        for limit in (50, None):
+            for entry in table.history(limit):
+                if entry.get(META_APP) == app_id and str(entry.get(META_SEQ)) == str(seq):
+                    return CommitRecord(int(seq), Watermark.from_json(json.loads(entry[META_WATERMARK])))
+        raise UploaderError(f"The Delta table at {self.location} records batch {seq} of this uploader but "
+                            "not its commit metadata (history truncated?). Cannot tell where to resume.")
+
+    def write(self, batch: Batch) -> None:
+        from deltalake import CommitProperties, Transaction, write_deltalake
+
+        properties = CommitProperties(
+            app_transactions=[Transaction(batch.app_id, batch.seq)],
+            custom_metadata={META_APP: batch.app_id, META_SEQ: str(batch.seq),
+                             META_WATERMARK: json.dumps(batch.watermark.to_json())},
+        )
+        try:
+            write_deltalake(self.location, batch.rows, mode="append", schema_mode="merge",
+                            commit_properties=properties, name=f"{self.database}.{self.table_name}")
+        except OSError as exc:
+            raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
+        except Exception as exc:
+            raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
+
+    def run_query(self, sql: str) -> Any:
+        import pyarrow as pa
+        from deltalake import QueryBuilder
+
+        table = self._open()
+        if table is None:
+            raise ConfigError(f"There is no Delta table at {self.location} yet: nothing has been uploaded.")
+        bare = self.table_name
+        rewritten = qualified_name_pattern(self.database, bare).sub(datafusion_ident(bare), sql)
+        try:
+            return pa.table(QueryBuilder().register(datafusion_ident(bare).strip('"'), table).execute(rewritten))
+        except Exception as exc:
+            raise ConfigError(f"Query failed: {exc}") from None
+
+    def info(self, app_id: str | None) -> list[tuple[str, str]]:
+        table = self._open()
+        lines = [("target", "local Delta table (delta-rs)"), ("location", self.location),
+                 ("name", f"{self.database}.{self.table_name} (or {self.table_name})")]
+        if table is None:
+            return [*lines, ("status", "not created yet: nothing uploaded")]
+        count = self.run_query(f"SELECT count(*) AS n FROM {datafusion_ident(self.table_name)}").column(0)[0]
+        import pyarrow as pa
+
+        schema = pa.schema(table.schema().to_arrow())
+        lines += [("version", str(table.version())), ("rows", str(count.as_py()))]
+        lines += [("column " + f.name, str(f.type)) for f in schema]
+        for entry in table.history(50):
+            if META_WATERMARK in entry and (app_id is None or entry.get(META_APP) == app_id):
+                mark = Watermark.from_json(json.loads(entry[META_WATERMARK]))
+                lines += [("last batch", f"{entry.get(META_SEQ)} (app {entry.get(META_APP)})"),
+                          ("last uploaded timestamp", micros_to_iso(mark.last_upload) or "-"),
+                          ("cursor", json.dumps(mark.to_json()))]
+                break
+        return lines
+
+    def close(self) -> None:
+        return None
+
+
+def datafusion_ident(name: str) -> str:
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
+
+
+def qualified_name_pattern(database: str, table: str) -> re.Pattern:
+    """`catalog.db.table`, `db.table`, with or without backticks/quotes, as Databricks users write it."""
+
+    def part(name: str) -> str:
+        escaped = re.escape(name)
+        return rf"(?:`{escaped}`|\"{escaped}\"|{escaped}\b)"
+
+    return re.compile(rf"(?<![\w.`\"])(?:(?:`[^`]+`|\"[^\"]+\"|\w+)\.)?{part(database)}\.{part(table)}",
+                      re.IGNORECASE)
+
+
+def make_target(settings: Settings, table_name: str) -> Target:
+    if uses_databricks(settings):
+        raise ConfigError("The Databricks target is not available in this version; use target: delta "
+                          "(the local Delta table) for now.")
+    return DeltaTarget(settings, table_name)
+
+
+# =====================================================================================
+# 6. State: a JSON file, written atomically, bound to its source and target
+# =====================================================================================
+
+STATE_FILE_NAME = "upload_state.json"
+
+
+@dataclass
+class State:
+    """Progress as the state file records it. The target's commit record wins after a crash."""
+
+    app_id: str
+    source: dict
+    target: str
+    batch_seq: int = 0
+    watermark: Watermark = field(default_factory=Watermark)
+    rows_uploaded: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "last_upload": micros_to_iso(self.watermark.last_upload),
+            "format": STATE_FORMAT,
+            "tool": f"{TOOL_NAME} {TOOL_VERSION}",
+            "app_id": self.app_id,
+            "source": self.source,
+            "target": self.target,
+            "batch_seq": self.batch_seq,
+            "rows_uploaded": self.rows_uploaded,
+            "cursor": self.watermark.to_json(),
+            "updated_at": micros_to_iso(int(time.time() * 1_000_000)),
+        }
+
+
+class StateFile:
+    def __init__(self, state_dir: str):
+        self.directory = Path(state_dir)
+        self.path = self.directory / STATE_FILE_NAME
+
+    def check_writable(self) -> None:
+        """Fail at start-up, before anything is uploaded, when progress could not be recorded."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"State directory {self.directory} is not writable ({exc.strerror or exc}). "
+                              "Set state_dir (STATE_DIR, --state-dir) to a writable directory.") from None
+
+    def load(self) -> dict | None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"State file {self.path} cannot be read: {exc.strerror}.") from None
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise ConfigError(f"State file {self.path} is corrupt ({exc}). It was not changed. Move it away "
+                              "to resume from the target's own record of what was uploaded.") from None
+        version = data.get("format", 0)
+        if isinstance(version, int) and version > STATE_FORMAT:
+            raise ConfigError(f"State file {self.path} was written by a newer version of this tool "
+                              f"(format {version}); upgrade the uploader.")
+        return data
+
+    def save(self, state: State) -> None:
+        """Write to a temporary file, fsync it, rename over the old one, fsync the directory."""
+        payload = json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n"
+        fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".upload_state.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+            raise
+        with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def parse_state(data: dict, path: Path) -> State:
+    try:
+        return State(
+            app_id=str(data["app_id"]),
+            source=dict(data["source"]),
+            target=str(data["target"]),
+            batch_seq=int(data["batch_seq"]),
+            watermark=Watermark.from_json(data["cursor"]),
+            rows_uploaded=int(data.get("rows_uploaded", 0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"State file {path} is not an uploader state file or is damaged ({exc}). It was "
+                          "not changed. Move it away to resume from the target's record.") from None
+
+
+def app_id_for(source_path: str, table: str) -> str:
+    """Names this uploader in the target's commit records: stable for one database and table."""
+    digest = hashlib.sha256(f"{os.path.abspath(source_path)}\0{table}".encode()).hexdigest()[:16]
+    return f"{TOOL_NAME}:{digest}"
+
+
+def reconcile(stored: State | None, record: CommitRecord | None, fresh: State, state_path: Path,
+              target: str) -> State:
+    """Decide where to resume from the state file and the target's own commit record."""
+    if stored is not None:
+        if stored.source != fresh.source or stored.target != fresh.target:
+            raise ConfigError(
+                f"State file {state_path} belongs to another source or target "
+                f"({stored.source.get('database')} table {stored.source.get('table')} -> {stored.target}); "
+                f"this run reads {fresh.source['database']} table {fresh.source['table']} -> {fresh.target}. "
+                "Use a separate state_dir per source/target, or move the file away to start over.")
+    if record is None:
+        if stored is not None and stored.batch_seq > 0:
+            raise ConfigError(
+                f"State file {state_path} says {stored.batch_seq} batches were committed to {target}, "
+                "but the target has no record of them (was the table deleted or recreated?). To upload "
+                "everything again into it, move the state file away.")
+        return stored or fresh
+    if stored is None:
+        LOG.warning("No state file; resuming after batch %d, which the target recorded as committed.",
+                    record.seq)
+        return dataclasses.replace(fresh, batch_seq=record.seq, watermark=record.watermark)
+    if record.seq > stored.batch_seq:
+        LOG.warning("Batch %d reached the target but the state file was not updated (interrupted?); "
+                    "resuming after it, nothing is uploaded twice.", record.seq)
+        return dataclasses.replace(stored, batch_seq=record.seq, watermark=record.watermark)
+    if record.seq < stored.batch_seq:
+        raise ConfigError(
+            f"The target {target} has batches up to {record.seq} but the state file {state_path} says "
+            f"{stored.batch_seq} (was the table restored to an older version?). Move the state file away "
+            "to resume from what the target holds.")
+    return stored
+
+
+# =====================================================================================
+# 7. Run loop and command line
+# =====================================================================================
+
+
+@dataclass
+class CycleStats:
+    rows_read: int = 0
+    rows_uploaded: int = 0
+    batches: int = 0
+    invalid_timestamps: int = 0
+    skipped_invalid: int = 0
+    removed: TransformCounts = field(default_factory=TransformCounts)
+    nulled: dict = field(default_factory=dict)
+    first_ts: int | None = None
+    last_ts: int | None = None
+    behind: int = 0
+    seconds: float = 0.0
+
+
+class Uploader:
+    """One source table into one target, batch by batch, exactly once."""
+
+    def __init__(self, settings: Settings, source: SourceTable, target: Target, stop: threading.Event):
+        self.settings = settings
+        self.source = source
+        self.target = target
+        self.stop = stop
+        self.reader = SourceReader(settings, source)
+        self.state_file = StateFile(settings.state_dir)
+        self.app_id = app_id_for(settings.sqlite or "", source.name)
+        self.column_types: dict[str, Any] = {}
+        self.schema: Any = None
+        self.transforms = TransformPlan()
+        self.state: State | None = None
+
+    # -- start-up ------------------------------------------------------------------------
+    def fresh_state(self) -> State:
+        source = {"database": os.path.abspath(self.settings.sqlite or ""), "table": self.source.name,
+                  "timestamp_col": self.source.timestamp_col, "cursor": self.settings.cursor,
+                  "locator": list(self.source.locator)}
+        return State(app_id=self.app_id, source=source, target=self.target.describe(),
+                     watermark=Watermark(mode=self.settings.cursor))
+
+    def prepare(self) -> None:
+        self.state_file.check_writable()
+        connection = self.reader.connect()
+        try:
+            self.column_types = plan_column_types(self.source, connection)
+        finally:
+            connection.close()
+        self.transforms = build_transform_plan(self.settings, self.source.column_names, self.column_types,
+                                               self.source.timestamp_col)
+        raw = self.state_file.load()
+        self.stored = parse_state(raw, self.state_file.path) if raw is not None else None
+        if self.stored is not None and self.stored.source != self.fresh_state().source:
+            reconcile(self.stored, None, self.fresh_state(), self.state_file.path, self.target.describe())
+
+    def resync(self) -> None:
+        """Agree with the target on where we are; run at start and after every failure."""
+        record = self.target.committed(self.app_id)
+        stored = self.state if self.state is not None else self.stored
+        self.state = reconcile(stored, record, self.fresh_state(), self.state_file.path, self.target.describe())
+
+    # -- one cycle -----------------------------------------------------------------------
+    def run_cycle(self) -> CycleStats:
+        started = time.monotonic()
+        stats = CycleStats()
+        self.resync()
+        assert self.state is not None
+        mark = self.state.watermark
+        connection = self.reader.connect()
+        try:
+            if mark.window is None:
+                window = self.reader.plan_window(connection, mark)
+                if window is None:
+                    stats.seconds = time.monotonic() - started
+                    return stats
+                mark = dataclasses.replace(mark, window=window)
+                LOG.info("Window planned: %d pending row(s) up to locator %s%s.", window.rows, window.top,
+                         "" if not window.filtered else " (interleaved rows: reading with the key filter)")
+            self._drain_window(connection, mark, stats)
+            stats.behind = self._rows_after(connection, self.state.watermark)
+        finally:
+            connection.close()
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    def _rows_after(self, connection: sqlite3.Connection, mark: Watermark) -> int:
+        if mark.loc is None or mark.window is not None:
+            return mark.window.rows - mark.window.rows_done if mark.window else 0
+        return connection.execute(
+            f"SELECT count(*) FROM {self.reader.from_sql} WHERE {self.reader.loc_row} > "
+            f"{self.reader._marks(mark.loc)}", mark.loc).fetchone()[0]
+
+    def _drain_window(self, connection: sqlite3.Connection, mark: Watermark, stats: CycleStats) -> None:
+        """Read the window batch by batch; each batch's commit overlaps the next read."""
+        assert self.state is not None
+        seq = self.state.batch_seq
+        in_flight: tuple[Future, Batch | None, Watermark] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as pool:
+            try:
+                while mark.window is not None and not self.stop.is_set():
+                    batch, mark = self._next_batch(connection, mark, seq + 1, stats)
+                    if in_flight is not None:
+                        self._finish(in_flight, stats)
+                    if batch is None:
+                        in_flight = (_done_future(), None, mark)
+                    else:
+                        seq += 1
+                        in_flight = (pool.submit(self.target.write, batch), batch, mark)
+                if in_flight is not None:
+                    self._finish(in_flight, stats)
+                    in_flight = None
+            finally:
+                if in_flight is not None:  # a read failed: let the commit in flight end first
+                    with contextlib.suppress(Exception):
+                        self._finish(in_flight, stats)
+
+    def _finish(self, in_flight: tuple[Future, Batch | None, Watermark], stats: CycleStats) -> None:
+        future, batch, mark = in_flight
+        future.result()  # raises if the commit failed: the state keeps the last good batch
+        assert self.state is not None
+        seq = batch.seq if batch is not None else self.state.batch_seq
+        uploaded = batch.rows.num_rows if batch is not None else 0
+        self.state = dataclasses.replace(self.state, batch_seq=seq, watermark=mark,
+                                         rows_uploaded=self.state.rows_uploaded + uploaded)
+        self.state_file.save(self.state)
+        if batch is not None:
+            stats.batches += 1
+            stats.rows_uploaded += uploaded
+            stats.first_ts = min(filter(None, (stats.first_ts, batch.first_ts)), default=None)
+            stats.last_ts = max(filter(None, (stats.last_ts, batch.last_ts)), default=None)
+            LOG.info("Batch %d committed: %d row(s) from %d read, timestamps %s .. %s; %s.", batch.seq,
+                     uploaded, batch.rows_read, micros_to_iso(batch.first_ts) or "-",
+                     micros_to_iso(batch.last_ts) or "-",
+                     f"{mark.window.rows - mark.window.rows_done} row(s) left in this window"
+                     if mark.window else "window finished")
+
+    def _next_batch(self, connection: sqlite3.Connection, mark: Watermark, seq: int,
+                    stats: CycleStats) -> tuple[Batch | None, Watermark]:
+        """Read and convert the next batch; return it with the watermark true after it commits."""
+        window = mark.window
+        assert window is not None
+        raw = self.reader.read_batch(connection, mark, window, self.settings.batch_size)
+        stats.rows_read += raw.count
+        finished = raw.count < self.settings.batch_size or raw.last_loc == window.top
+        rows, report, first_ts, last_ts = self._convert(raw, stats.removed)
+        stats.invalid_timestamps += report.invalid_timestamps
+        for name, count in report.nulled.items():
+            stats.nulled[name] = stats.nulled.get(name, 0) + count
+        last_upload = max(filter(None, (mark.last_upload, last_ts)), default=None)
+        if finished:
+            if mark.mode == "timestamp":
+                key = window.top_key if window.top_key is not None else mark.key
+                loc = window.top if window.top_key is not None else mark.loc
+                mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None)
+            else:
+                mark = Watermark("rowid", None, list(window.top), list(window.top), last_upload, None)
+        else:
+            progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count)
+            mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
+        if rows is None or rows.num_rows == 0:
+            return None, mark
+        return Batch(seq, rows, self.app_id, mark, raw.count, first_ts, last_ts), mark
+
+    def _convert(self, raw: RawBatch, removed: TransformCounts
+                 ) -> tuple[Any, ConversionReport, int | None, int | None]:
+        import pyarrow as pa
+
+        report = ConversionReport()
+        if raw.count == 0:
+            return None, report, None, None
+        if self.schema is None:
+            proposed = pa.schema([(name, self.column_types[name]) for name in self.source.column_names])
+            self.schema = self.target.prepare(proposed) if not self.transforms.aggregates else proposed
+        arrays, names = [], []
+        for name in self.source.column_names:
+            arrow_type = self._target_type(name)
+            arrays.append(to_arrow_column(raw.columns[name], arrow_type, self.reader.naive_tz, name, report))
+            names.append(name)
+        rows = pa.Table.from_arrays(arrays, names=names)
+        first_ts = last_ts = None
+        ts_col = self.source.timestamp_col
+        if ts_col:
+            column = rows.column(ts_col)
+            invalid = column.null_count
+            report.invalid_timestamps = invalid
+            report.nulled.pop(ts_col, None)
+            if invalid and self.settings.invalid_timestamps == "skip":
+                rows = rows.filter(pa.compute.is_valid(column))
+            if rows.num_rows:
+                bounds = pa.compute.min_max(rows.column(ts_col).cast(pa.int64()))
+                first_ts, last_ts = bounds["min"].as_py(), bounds["max"].as_py()
+        rows = apply_transforms(rows, self.transforms, removed)
+        if self.transforms.aggregates and rows.num_rows:
+            self.schema = self.target.prepare(rows.schema)
+        return rows, report, first_ts, last_ts
+
+    def _target_type(self, name: str) -> Any:
+        if self.schema is not None and not self.transforms.aggregates:
+            for schema_field in self.schema:
+                if schema_field.name.lower() == name.lower():
+                    return schema_field.type
+        return self.column_types[name]
+
+
+def _done_future() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def log_cycle(stats: CycleStats, mark: Watermark) -> None:
+    rate = stats.rows_read / stats.seconds if stats.seconds > 0 else 0.0
+    removed = stats.removed
+    LOG.info(
+        "Cycle done: %d read, %d uploaded in %d batch(es); removed by sanitize %d, filter %d, aggregate %d; "
+        "timestamps %s .. %s; cursor at %s; %.2f s, %.0f rows/s; %d row(s) behind.",
+        stats.rows_read, stats.rows_uploaded, stats.batches, removed.sanitize, removed.filter,
+        removed.aggregate, micros_to_iso(stats.first_ts) or "-", micros_to_iso(stats.last_ts) or "-",
+        micros_to_iso(mark.last_upload) or "start", stats.seconds, rate, stats.behind,
+    )
+    if stats.invalid_timestamps:
+        LOG.warning("%d row(s) had a NULL or unreadable timestamp; they were %s.", stats.invalid_timestamps,
+                    "skipped (invalid_timestamps: skip)" if stats.skipped_invalid else
+                    "uploaded with a NULL timestamp (invalid_timestamps: upload)")
+    for name, count in stats.nulled.items():
+        LOG.warning("%d value(s) of column %r did not fit its type and were uploaded as NULL.", count, name)
+
+
+def backoff_delay(failures: int, interval: float) -> float:
+    """Exponential from 2 s, capped at the interval (at least 30 s), with full jitter."""
+    cap = max(interval, 30.0)
+    return random.uniform(0.5, 1.0) * min(cap, 2.0 * 2 ** (failures - 1))
+
+
+def run_uploader(settings: Settings, stop: threading.Event) -> int:
+    source = describe_source(settings)
+    target = make_target(settings, default_table_name(settings, source.name))
+    LOG.info("Uploading %s table %r (%s cursor%s) to %s.", settings.sqlite, source.name, settings.cursor,
+             f" on {source.timestamp_col!r}" if settings.cursor == "timestamp" else "", target.describe())
+    uploader = Uploader(settings, source, target, stop)
+    uploader.prepare()
+    failures = 0
+    try:
+        while not stop.is_set():
+            try:
+                stats = uploader.run_cycle()
+            except ConfigError:
+                raise
+            except (UploaderError, sqlite3.Error, OSError) as exc:
+                failures += 1
+                if settings.once:
+                    raise UploaderError(f"Upload failed: {exc}") from exc
+                delay = backoff_delay(failures, settings.interval)
+                LOG.error("Cycle failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
+                stop.wait(delay)
+                continue
+            failures = 0
+            assert uploader.state is not None
+            log_cycle(stats, uploader.state.watermark)
+            if settings.once:
+                if uploader.state.watermark.window is None or stop.is_set():
+                    break
+                continue
+            if uploader.state.watermark.window is None:
+                stop.wait(settings.interval)
+    finally:
+        target.close()
+    return EXIT_OK
+
+
+# --- Query mode
+
+def run_query_mode(invocation: Invocation) -> int:
+    settings = invocation.settings
+    source_table = settings.sqlite_table_name
+    app_id = None
+    if settings.sqlite and os.path.exists(settings.sqlite):
+        with contextlib.suppress(ConfigError):
+            source_table = describe_source(settings).name
+            app_id = app_id_for(settings.sqlite, source_table)
+    target = make_target(settings, default_table_name(settings, source_table))
+    try:
+        if invocation.run_query.strip().upper() == "INFO":
+            lines = target.info(app_id)
+            state = StateFile(settings.state_dir)
+            with contextlib.suppress(ConfigError):
+                data = state.load()
+                if data:
+                    lines.append(("state file", f"{state.path} (last_upload {data.get('last_upload')}, "
+                                                f"batch {data.get('batch_seq')})"))
+            print_rows([{"item": k, "value": v} for k, v in lines], invocation.output)
+        else:
+            table = target.run_query(invocation.run_query)
+            print_rows(table.to_pylist(), invocation.output, [f.name for f in table.schema])
+    finally:
+        target.close()
+    return EXIT_OK
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+def print_rows(rows: list[dict], output: str, columns: list[str] | None = None) -> None:
+    columns = columns or (list(rows[0]) if rows else [])
+    out = sys.stdout
+    if output == "json":
+        json.dump(rows, out, default=_json_default, indent=2)
+        out.write("\n")
+    elif output == "csv":
+        import csv
+
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else _cell(row[c]) for c in columns])
+    else:
+        cells = [[_cell(row[c]) for c in columns] for row in rows]
+        widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+        def line(values: list[str]) -> str:
+            return " | ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip() + "\n"
+
+        out.write(line(columns))
+        out.write("-+-".join("-" * w for w in widths) + "\n")
+        for row_cells in cells:
+            out.write(line(row_cells))
+        out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+    out.flush()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "as_py"):
+        return value.as_py()
+    return str(value)
+
+
+# --- Logging, signals, main
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class SecretFilter(logging.Filter):
+    """Last line of defence: a secret that reaches a log message is masked."""
+
+    def __init__(self, secrets: Sequence[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(s in message for s in self.secrets):
+                for secret in self.secrets:
+                    message = message.replace(secret, SECRET_MASK)
+                record.msg, record.args = message, None
+        return True
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Sequence[str] = ()) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(SecretFilter(secrets))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level)
+    LOG.propagate = False
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set():  # second signal: the user insists
+            os._exit(128 + signum)
+        LOG.info("Received %s: finishing the batch in flight, then stopping.", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handle)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    try:
+        invocation = load_settings(argv)
+        settings = invocation.settings
+        configure_logging(settings.log_level, settings.log_format, [settings.databricks_token or ""])
+        LOG.debug("Settings: %s", settings)
+        if invocation.run_query is not None:
+            return run_query_mode(invocation)
+        stop = threading.Event()
+        install_signal_handlers(stop)
+        return run_uploader(settings, stop)
+    except UploaderError as exc:
+        LOG.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    code = main()
+    # delta-rs / pyarrow IO threads can abort the interpreter at exit (see the README);
+    # everything is flushed and committed by now, so leave without finalisers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
