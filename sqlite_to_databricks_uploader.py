@@ -889,7 +889,7 @@ class SourceReader:
             f"FROM ({inner} LIMIT -1)", [*(params * repeats), *top]).fetchone()
         if not count:
             return None
-        filtered = not single or (last_settled is not None and last_settled > first_loc)
+        filtered = not single or settled_after(last_settled, first_loc)
         return Window(top=top, top_key=top_key, start=[first_loc] if single else None, done=None,
                       filtered=filtered, rows=count)
 
@@ -943,6 +943,16 @@ class SourceReader:
             last_loc=list(last[skip:skip + width]),
             count=len(rows),
         )
+
+
+def settled_after(last_settled: Any, first_pending: Any) -> bool:
+    """True when a row that is not pending sits after the first pending one (in locator order)."""
+    if last_settled is None:
+        return False
+    try:
+        return bool(last_settled > first_pending)
+    except TypeError:  # mixed storage classes in the key column: SQLite's order is not Python's
+        return True
 
 
 @dataclass
@@ -1699,16 +1709,20 @@ def app_id_for(source_path: str, table: str) -> str:
     return f"{TOOL_NAME}:{digest}"
 
 
+def check_binding(stored: State | None, fresh: State, state_path: Path) -> None:
+    """A state file only ever describes one source table going to one target."""
+    if stored is not None and (stored.source != fresh.source or stored.target != fresh.target):
+        raise ConfigError(
+            f"State file {state_path} belongs to another source or target "
+            f"({stored.source.get('database')} table {stored.source.get('table')} -> {stored.target}); "
+            f"this run reads {fresh.source['database']} table {fresh.source['table']} -> {fresh.target}. "
+            "Use a separate state_dir per source/target, or move the file away to start over.")
+
+
 def reconcile(stored: State | None, record: CommitRecord | None, fresh: State, state_path: Path,
               target: str) -> State:
     """Decide where to resume from the state file and the target's own commit record."""
-    if stored is not None:
-        if stored.source != fresh.source or stored.target != fresh.target:
-            raise ConfigError(
-                f"State file {state_path} belongs to another source or target "
-                f"({stored.source.get('database')} table {stored.source.get('table')} -> {stored.target}); "
-                f"this run reads {fresh.source['database']} table {fresh.source['table']} -> {fresh.target}. "
-                "Use a separate state_dir per source/target, or move the file away to start over.")
+    check_binding(stored, fresh, state_path)
     if record is None:
         if stored is not None and stored.batch_seq > 0:
             raise ConfigError(
@@ -1767,6 +1781,7 @@ class Uploader:
         self.schema: Any = None
         self.transforms = TransformPlan()
         self.state: State | None = None
+        self.stored: State | None = None
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -1787,8 +1802,7 @@ class Uploader:
                                                self.source.timestamp_col)
         raw = self.state_file.load()
         self.stored = parse_state(raw, self.state_file.path) if raw is not None else None
-        if self.stored is not None and self.stored.source != self.fresh_state().source:
-            reconcile(self.stored, None, self.fresh_state(), self.state_file.path, self.target.describe())
+        check_binding(self.stored, self.fresh_state(), self.state_file.path)
 
     def resync(self) -> None:
         """Agree with the target on where we are; run at start and after every failure."""
@@ -1803,7 +1817,10 @@ class Uploader:
         self.resync()
         assert self.state is not None
         mark = self.state.watermark
-        connection = self.reader.connect()
+        try:
+            connection = self.reader.connect()
+        except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
+            raise TransientError(str(exc)) from None
         try:
             if mark.window is None:
                 window = self.reader.plan_window(connection, mark)
@@ -1881,6 +1898,8 @@ class Uploader:
         finished = raw.count < self.settings.batch_size or raw.last_loc == window.top
         rows, report, first_ts, last_ts = self._convert(raw, stats.removed)
         stats.invalid_timestamps += report.invalid_timestamps
+        if self.settings.invalid_timestamps == "skip":
+            stats.skipped_invalid += report.invalid_timestamps
         for name, count in report.nulled.items():
             stats.nulled[name] = stats.nulled.get(name, 0) + count
         last_upload = max(filter(None, (mark.last_upload, last_ts)), default=None)
