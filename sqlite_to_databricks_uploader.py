@@ -446,7 +446,8 @@ def open_sqlite(path: str, busy_timeout: float) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         if "not a database" in str(exc) or "malformed" in str(exc):
             raise ConfigError(f"{path} is not a SQLite database (or it is corrupt): {exc}.") from None
-        if "unable to open" in str(exc) and not os.path.exists(path + "-wal"):
+        read_only_place = "unable to open" in str(exc) or "readonly" in str(exc).replace("-", "").replace(" ", "")
+        if read_only_place and not os.path.exists(path + "-wal"):
             # A WAL database on a read-only mount with no writer: SQLite cannot create the -shm
             # file. With no -wal file there is nothing uncommitted, so 'immutable' reads are exact.
             LOG.info("Opening %s as immutable: its directory is read-only and no writer is active.", path)
@@ -600,8 +601,14 @@ _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
 
 
 def integer_epoch_to_micros(value: int) -> int:
-    """Unix time in seconds, milliseconds or microseconds, told apart by magnitude."""
+    """Unix time in seconds, milliseconds or microseconds, told apart by magnitude.
+
+    Below 1e7 the number is a Julian day: a column declared DATETIME has NUMERIC affinity, so
+    SQLite stores a whole Julian day written as REAL (2461061.0) as an INTEGER.
+    """
     magnitude = abs(value)
+    if magnitude < 10_000_000:
+        return julian_day_to_micros(float(value))
     if magnitude < 100_000_000_000:  # < 1e11: seconds (up to year 5138)
         return value * 1_000_000
     if magnitude < 100_000_000_000_000:  # < 1e14: milliseconds
@@ -609,13 +616,17 @@ def integer_epoch_to_micros(value: int) -> int:
     return value
 
 
+def julian_day_to_micros(value: float) -> int:
+    # A double holds a Julian day to ~40 us; SQLite itself resolves them to milliseconds.
+    return round((value - JULIAN_UNIX_EPOCH) * 86_400_000) * 1_000
+
+
 def real_to_micros(value: float) -> int | None:
     """REAL values below 1e7 are Julian days (SQLite's julianday()); larger ones unix seconds."""
     if not math.isfinite(value):
         return None
     if abs(value) < 10_000_000:
-        # A double holds a Julian day to ~40 us; SQLite itself resolves them to milliseconds.
-        return round((value - JULIAN_UNIX_EPOCH) * 86_400_000) * 1_000
+        return julian_day_to_micros(value)
     if abs(value) < 100_000_000_000:
         return round(value * 1_000_000)
     return integer_epoch_to_micros(round(value))
@@ -718,7 +729,9 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
     )
     return (
         f"(CASE typeof({c}) "
-        f"WHEN 'integer' THEN CASE WHEN abs({c}) < 100000000000 THEN {c} * 1000 "
+        f"WHEN 'integer' THEN CASE WHEN abs({c}) < 10000000 "
+        f"THEN CAST(round(({c} - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) "
+        f"WHEN abs({c}) < 100000000000 THEN {c} * 1000 "
         f"WHEN abs({c}) < 100000000000000 THEN {c} ELSE {c} / 1000 END "
         f"WHEN 'real' THEN CASE WHEN abs({c}) < 10000000.0 "
         f"THEN CAST(round(({c} - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) "
@@ -1080,19 +1093,39 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
 
 
 def timestamps_to_micros(values: list, naive_tz: Any) -> list[int | None]:
-    # Sensor sweeps repeat the same timestamp for every device: a small cache pays off.
-    cache: dict[Any, int | None] = {}
-    out = []
+    """timestamp_to_micros() over a column, with the common cases inlined (this is the hot loop)."""
+    out: list[int | None] = []
+    append = out.append
+    from_iso = datetime.fromisoformat
+    utc_naive = naive_tz is timezone.utc
+    epoch_naive = EPOCH.replace(tzinfo=None)
+    low, high = -62135596800_000_000, 253402300799_999_999
     for value in values:
-        if value in cache and type(value) is not bool:
-            out.append(cache[value])
-            continue
-        micros = timestamp_to_micros(value, naive_tz)
-        if len(cache) > 4096:
-            cache.clear()
-        if isinstance(value, (str, int, float)):
-            cache[value] = micros
-        out.append(micros)
+        kind = type(value)
+        if kind is str and value[4:5] == "-":
+            try:
+                moment = from_iso(value)
+            except ValueError:
+                append(timestamp_to_micros(value, naive_tz))
+                continue
+            offset = moment.utcoffset()
+            if offset is None:
+                if not utc_naive:
+                    append(timestamp_to_micros(value, naive_tz))
+                    continue
+                delta = moment - epoch_naive
+            else:
+                delta = moment - EPOCH
+            micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            append(micros if low <= micros <= high else None)
+        elif kind is int and 100_000_000_000 <= value < 100_000_000_000_000:
+            append(value * 1_000)
+        elif kind is int and 10_000_000 <= value < 100_000_000_000:
+            append(value * 1_000_000)
+        elif kind is float and 0 < value < 10_000_000:
+            append(round((value - JULIAN_UNIX_EPOCH) * 86_400_000) * 1_000)
+        else:
+            append(timestamp_to_micros(value, naive_tz))
     return out
 
 
@@ -1242,10 +1275,11 @@ def _filter_terms(settings: Settings, columns: Sequence[str], types: dict[str, A
             elif operator in (">", ">=", "<", "<=") and (value is None or isinstance(value, bool)):
                 raise ConfigError(f"{where}: operator {operator!r} on {column!r} needs a number, text "
                                   f"or date, got {value!r}.")
-            yield column, operator, _filter_value(value, types.get(column), where, column)
+            yield column, operator, _filter_value(value, types.get(column), where, column,
+                                                  timezone_from_name(settings.source_timezone))
 
 
-def _filter_value(value: Any, arrow_type: Any, where: str, column: str) -> Any:
+def _filter_value(value: Any, arrow_type: Any, where: str, column: str, naive_tz: Any) -> Any:
     import pyarrow as pa
 
     if arrow_type is None or not pa.types.is_timestamp(arrow_type) or value is None:
@@ -1253,7 +1287,7 @@ def _filter_value(value: Any, arrow_type: Any, where: str, column: str) -> Any:
     values = value if isinstance(value, list) else [value]
     converted = []
     for item in values:
-        micros = timestamp_to_micros(item)
+        micros = timestamp_to_micros(item, naive_tz)
         if micros is None:
             raise ConfigError(f"{where}: {item!r} is not a date/time, but {column!r} holds timestamps.")
         converted.append(micros)
@@ -1348,13 +1382,14 @@ def apply_transforms(table: Any, plan: TransformPlan, counts: TransformCounts) -
 
 
 def _replace(series: Any, mapping: dict, pd: Any, pa: Any) -> Any:
-    values = series.astype(object).where(series.notna(), None)
-    replaced = values.map(lambda v: mapping.get(v, v) if isinstance(v, (str, int, float)) else v)
+    """Map old -> new values; NULLs stay NULL; the column keeps an Arrow type."""
+    values = [None if pd.isna(v) else mapping.get(v, v) if isinstance(v, (str, int, float)) else v
+              for v in series.tolist()]
     try:
-        return pd.Series(pa.array(replaced.tolist(), type=series.dtype.pyarrow_dtype),
-                         index=series.index, dtype=series.dtype)
+        array = pa.array(values, type=series.dtype.pyarrow_dtype)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-        return pd.Series(replaced.tolist(), index=series.index, dtype="string[pyarrow]")
+        array = pa.array(values)  # a replacement of another type: let Arrow find the common one
+    return pd.Series(array, index=series.index, dtype=pd.ArrowDtype(array.type))
 
 
 def _filter_mask(series: Any, operator: str, value: Any, pd: Any) -> Any:
@@ -1648,13 +1683,13 @@ class StateFile:
 
     def load(self) -> dict | None:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise ConfigError(f"State file {self.path} cannot be read: {exc.strerror}.") from None
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
@@ -1804,6 +1839,31 @@ class Uploader:
         self.stored = parse_state(raw, self.state_file.path) if raw is not None else None
         check_binding(self.stored, self.fresh_state(), self.state_file.path)
 
+    def _follow_schema(self, connection: sqlite3.Connection) -> None:
+        """Pick up columns the application added to its table while we run."""
+        try:
+            columns, _ = read_columns(connection, self.source.name)
+        except sqlite3.DatabaseError as exc:
+            raise TransientError(f"Cannot read the columns of {self.source.name!r}: {exc}") from None
+        if not columns:
+            raise TransientError(f"Table {self.source.name!r} is gone from {self.settings.sqlite} "
+                                 "(being recreated?); retrying.")
+        if columns == self.source.columns:
+            return
+        names = {c.name for c in columns}
+        if self.source.timestamp_col and self.source.timestamp_col not in names:
+            raise ConfigError(f"The timestamp column {self.source.timestamp_col!r} is gone from table "
+                              f"{self.source.name!r}. Set timestamp_col to the new column.")
+        added = [c.name for c in columns if c not in self.source.columns]
+        LOG.info("The source table's columns changed%s; the target follows.",
+                 f" (new: {', '.join(added)})" if added else "")
+        self.source = dataclasses.replace(self.source, columns=columns)
+        self.reader = SourceReader(self.settings, self.source)
+        self.column_types = plan_column_types(self.source, connection)
+        self.transforms = build_transform_plan(self.settings, self.source.column_names, self.column_types,
+                                               self.source.timestamp_col)
+        self.schema = None
+
     def resync(self) -> None:
         """Agree with the target on where we are; run at start and after every failure."""
         record = self.target.committed(self.app_id)
@@ -1822,6 +1882,7 @@ class Uploader:
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
         try:
+            self._follow_schema(connection)
             if mark.window is None:
                 window = self.reader.plan_window(connection, mark)
                 if window is None:
