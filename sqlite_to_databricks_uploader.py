@@ -37,6 +37,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -139,10 +140,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("databricks_token", "DATABRICKS_TOKEN", "str", None,
            "Personal access token. Prefer the environment variable: flags are visible to other processes.",
            secret=True),
+    Option("databricks_client_id", "DATABRICKS_CLIENT_ID", "str", None,
+           "OAuth client (application) id of a service principal: the recommended credentials for fleets."),
+    Option("databricks_client_secret", "DATABRICKS_CLIENT_SECRET", "str", None,
+           "OAuth secret of that service principal. Prefer the environment variable.", secret=True),
+    Option("databricks_catalog", "DATABRICKS_CATALOG", "str", None,
+           "Unity Catalog catalog of the target table. Default: the workspace's default catalog."),
     Option("databricks_database", "DATABRICKS_DATABASE", "str", "default",
            "Schema (database) of the target table."),
     Option("databricks_table", "DATABRICKS_TABLE", "str", None,
            "Target table name. Default: the SQLite table's name."),
+    Option("staging_volume", "STAGING_VOLUME", "str", "auto",
+           "Unity Catalog volume for bulk loads, /Volumes/<catalog>/<schema>/<volume>[/dir]; 'auto' = "
+           "/Volumes/<catalog>/<schema>/sqlite_uploader_staging (created if allowed); 'none' = INSERT only."),
+    Option("create_table", "CREATE_TABLE", "bool", True,
+           "Create a missing schema, table, progress table and volume, and add new source columns."),
+    Option("node_id", "NODE_ID", "str", None,
+           "Name of this edge node in lineage and progress records. Default: the host name."),
+    Option("lineage_columns", "LINEAGE_COLUMNS", "list", [],
+           "Lineage columns to add to each row: any of node_id, batch_id, uploaded_at (as _node_id, "
+           "_batch_id, _uploaded_at), comma-separated, or 'all'.",
+           choices=("node_id", "batch_id", "uploaded_at")),
+    Option("databricks_retry_timeout", "DATABRICKS_RETRY_TIMEOUT", "float", 120.0,
+           "Seconds the connector keeps retrying one request (network down, HTTP 503/429) before the "
+           "cycle fails and is retried with backoff.", minimum=1),
     # --- Processing
     Option("enable_sanitize", "ENABLE_SANITIZE", "bool", False, "Apply sanitize_config to each batch."),
     Option("sanitize_config", "SANITIZE_CONFIG", "json", {},
@@ -183,8 +204,16 @@ class Settings:
     databricks_host: str | None = None
     databricks_http_path: str | None = None
     databricks_token: str | None = None
+    databricks_client_id: str | None = None
+    databricks_client_secret: str | None = None
+    databricks_catalog: str | None = None
     databricks_database: str = "default"
     databricks_table: str | None = None
+    staging_volume: str = "auto"
+    create_table: bool = True
+    node_id: str | None = None
+    lineage_columns: list = field(default_factory=list)
+    databricks_retry_timeout: float = 120.0
     enable_sanitize: bool = False
     sanitize_config: dict = field(default_factory=dict)
     enable_filter: bool = False
@@ -267,6 +296,8 @@ def convert_value(option: Option, raw: Any, where: str) -> Any:
         if option.minimum is not None and number < option.minimum:
             raise ConfigError(f"{where}: must be at least {option.minimum:g}, got {raw!r}.")
         return number
+    if kind == "list":
+        return convert_list(option, raw, where)
     if isinstance(raw, (dict, list)):
         raise ConfigError(f"{where}: expected a single value, got a {type(raw).__name__}.")
     text = str(raw)
@@ -276,6 +307,28 @@ def convert_value(option: Option, raw: Any, where: str) -> Any:
             raise ConfigError(f"{where}: must be one of {', '.join(option.choices)}; got {raw!r}.")
         return match
     return text
+
+
+def convert_list(option: Option, raw: Any, where: str) -> list[str]:
+    """A list from YAML, a JSON list, or comma-separated words; 'all' means every choice."""
+    items = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: not a valid JSON list ({exc.msg}).") from None
+        else:
+            items = [word.strip() for word in text.split(",") if word.strip()]
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{where}: expected a list of names, got {raw!r}.")
+    if [item.lower() for item in items] == ["all"]:
+        return list(option.choices)
+    unknown = [item for item in items if item not in option.choices]
+    if unknown:
+        raise ConfigError(f"{where}: unknown value(s) {', '.join(unknown)}; use {', '.join(option.choices)} or all.")
+    return list(dict.fromkeys(items))
 
 
 def read_yaml_config(path: str) -> dict[str, Any]:
@@ -356,6 +409,8 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
                             "in the process list. Prefer the %s environment variable.", option.flag, option.env)
         values[option.key] = value
         sources[option.key] = source
+    if not values["node_id"]:
+        values["node_id"] = socket.gethostname() or "node"
     settings = Settings(**values, sources=sources)
     validate_settings(settings)
     return Invocation(settings=settings, run_query=args.get("run_query"),
@@ -392,7 +447,8 @@ def timezone_from_name(name: str) -> timezone | Any:
 def uses_databricks(settings: Settings) -> bool:
     if settings.target != "auto":
         return settings.target == "databricks"
-    return any((settings.databricks_host, settings.databricks_http_path, settings.databricks_token))
+    return any((settings.databricks_host, settings.databricks_http_path, settings.databricks_token,
+                settings.databricks_client_id))
 
 
 # =====================================================================================
@@ -911,10 +967,16 @@ class SourceReader:
 
     # -- reading -------------------------------------------------------------------------
     def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
-                   limit: int) -> RawBatch:
-        """The next rows of the window in locator order, in one short read transaction."""
+                   limit: int, upper: list | None = None) -> RawBatch:
+        """The next rows of the window in locator order, in one short read transaction.
+
+        `upper` (inclusive) re-reads exactly an earlier batch, for a replay after a crash.
+        """
         bounds = [f"{self.loc_row} <= {self._marks(window.top)}"]
         params: list = list(window.top)
+        if upper is not None:
+            bounds.append(f"{self.loc_row} <= {self._marks(upper)}")
+            params += upper
         if window.done is not None:
             bounds.append(f"{self.loc_row} > {self._marks(window.done)}")
             params += window.done
@@ -1448,16 +1510,26 @@ class Batch:
     app_id: str
     watermark: Watermark
     rows_read: int
+    before: Watermark  # the watermark the batch was read from (with its window)
+    last_loc: list | None  # the last locator the batch read: with `before`, the batch's exact rows
     first_ts: int | None = None
     last_ts: int | None = None
 
 
 @dataclass(frozen=True)
 class CommitRecord:
-    """What the target says this uploader committed last (the source of truth after a crash)."""
+    """What the target says this uploader committed last (the source of truth after a crash).
+
+    complete=False means the record was written before the batch's rows (Databricks): the rows
+    may or may not have landed, so the uploader replays that batch -- an idempotent load -- before
+    going on. `before` and `last_loc` say exactly which rows it held.
+    """
 
     seq: int
     watermark: Watermark
+    complete: bool = True
+    before: Watermark | None = None
+    last_loc: list | None = None
 
 
 class Target(Protocol):
@@ -1626,10 +1698,627 @@ def qualified_name_pattern(database: str, table: str) -> re.Pattern:
                       re.IGNORECASE)
 
 
+# --- Databricks SQL (through databricks-sql-connector)
+
+PROGRESS_TABLE = "_sqlite_uploader_batches"
+LINEAGE_CHOICES = {"node_id": "_node_id", "batch_id": "_batch_id", "uploaded_at": "_uploaded_at"}
+STRING_LITERAL_SAFE = re.compile(r"[A-Za-z0-9 _.:,;+\-/@#=()\[\]{}]*")
+
+
+def quote_db_ident(name: str) -> str:
+    """Backtick-quote a Databricks identifier (a backtick inside is doubled)."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def databricks_type(arrow_type: Any) -> str:
+    """The column type a table gets for an Arrow type (documented in the README)."""
+    import pyarrow as pa
+
+    if pa.types.is_boolean(arrow_type):
+        return "BOOLEAN"
+    if pa.types.is_integer(arrow_type):
+        return "BIGINT"
+    if pa.types.is_floating(arrow_type):
+        return "DOUBLE"
+    if pa.types.is_timestamp(arrow_type):
+        return "TIMESTAMP" if arrow_type.tz else "TIMESTAMP_NTZ"
+    if pa.types.is_date(arrow_type):
+        return "DATE"
+    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+        return "BINARY"
+    return "STRING"
+
+
+def arrow_type_for_databricks(type_name: str) -> Any:
+    """The Arrow type batches are converted to for an existing Databricks column."""
+    import pyarrow as pa
+
+    upper = type_name.strip().upper()
+    base = upper.split("(")[0]
+    return {
+        "BOOLEAN": pa.bool_(), "TINYINT": pa.int8(), "BYTE": pa.int8(), "SMALLINT": pa.int16(),
+        "SHORT": pa.int16(), "INT": pa.int32(), "INTEGER": pa.int32(), "BIGINT": pa.int64(),
+        "LONG": pa.int64(), "FLOAT": pa.float32(), "REAL": pa.float32(), "DOUBLE": pa.float64(),
+        "STRING": pa.string(), "VARCHAR": pa.string(), "CHAR": pa.string(), "BINARY": pa.binary(),
+        "DATE": pa.date32(), "TIMESTAMP": pa.timestamp("us", tz="UTC"),
+        "TIMESTAMP_LTZ": pa.timestamp("us", tz="UTC"), "TIMESTAMP_NTZ": pa.timestamp("us"),
+        "DECIMAL": pa.float64(), "NUMERIC": pa.float64(), "DEC": pa.float64(),
+    }.get(base)
+
+
+def compatible(source: Any, target: Any) -> bool:
+    """Can values of the source type be stored in the target column without surprise?"""
+    import pyarrow as pa
+
+    if target is None:
+        return False
+    if source == target or pa.types.is_string(target):
+        return True
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(source) for f in numeric) and any(f(target) for f in numeric):
+        return True
+    if pa.types.is_timestamp(source) and pa.types.is_timestamp(target):
+        return True
+    return (pa.types.is_date(source) and pa.types.is_timestamp(target)) or (
+        pa.types.is_timestamp(source) and pa.types.is_date(target))
+
+
+def sql_literal(value: Any) -> str:
+    """Render one value as a Databricks SQL literal that cannot break out of its place.
+
+    Text that is not plainly safe goes as CAST(X'<utf-8 hex>' AS STRING): no quoting or
+    escaping rule (backslashes, quotes, NUL, newlines) can be got wrong that way.
+    """
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return f"{value}L"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "double('NaN')"
+        if math.isinf(value):
+            return "double('Infinity')" if value > 0 else "double('-Infinity')"
+        return f"{value!r}D"
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return f"TIMESTAMP_NTZ'{value.isoformat(sep=' ')}'"
+        return f"TIMESTAMP'{value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=' ')}+00:00'"
+    if isinstance(value, date):
+        return f"DATE'{value.isoformat()}'"
+    if isinstance(value, (bytes, bytearray)):
+        return f"X'{bytes(value).hex()}'"
+    text = str(value)
+    if STRING_LITERAL_SAFE.fullmatch(text):
+        return "'" + text + "'"
+    return f"CAST(X'{text.encode('utf-8', 'surrogatepass').hex()}' AS STRING)"
+
+
+@dataclass(frozen=True)
+class DatabricksEndpoint:
+    """Where and how to connect, derived from databricks_host / databricks_http_path."""
+
+    host: str
+    http_path: str
+    port: int | None
+    plain_http: bool
+
+    @property
+    def local(self) -> bool:
+        return self.plain_http or self.host in ("localhost", "127.0.0.1", "::1")
+
+    def connection_uri(self) -> str | None:
+        if not self.plain_http:
+            return None
+        port = f":{self.port}" if self.port else ""
+        return f"http://{self.host}{port}{self.http_path}"
+
+
+def parse_databricks_host(host: str, http_path: str) -> DatabricksEndpoint:
+    """Accept a bare host, an https:// URL or http://host:port (a local emulator)."""
+    from urllib.parse import urlsplit
+
+    text = host.strip()
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"databricks_host {host!r} is not a host name or an http(s) URL.")
+    path = http_path.strip() if http_path else ""
+    if not path:
+        raise ConfigError("databricks_http_path is not set (DATABRICKS_HTTP_PATH, --databricks-http-path): "
+                          "copy it from the warehouse's Connection details, e.g. /sql/1.0/warehouses/abc123.")
+    if not path.startswith("/"):
+        path = "/" + path
+    return DatabricksEndpoint(parts.hostname, path, parts.port, parts.scheme == "http")
+
+
+def parse_volume(path: str) -> tuple[str, str, str, str]:
+    """'/Volumes/catalog/schema/volume[/dir]' -> (catalog, schema, volume, dir)."""
+    parts = [p for p in path.strip().split("/") if p]
+    if len(parts) < 4 or parts[0] != "Volumes":
+        raise ConfigError(f"staging_volume {path!r} must look like /Volumes/<catalog>/<schema>/<volume>[/dir].")
+    return parts[1], parts[2], parts[3], "/".join(parts[4:])
+
+
+class ServicePrincipalAuth:
+    """OAuth machine-to-machine for a service principal, as the connector's credentials_provider.
+
+    Fetches a token from the workspace's /oidc/v1/token with the client-credentials grant and
+    renews it a minute before it expires. Only the standard library is needed.
+    """
+
+    def __init__(self, token_url: str, client_id: str, client_secret: str):
+        self.token_url = token_url
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Callable[[], dict[str, str]]:  # the connector calls the provider once
+        return self.headers
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token()}"}
+
+    def token(self) -> str:
+        import base64
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        with self._lock:
+            if self._token and time.monotonic() < self._expires - 60:
+                return self._token
+            body = urllib.parse.urlencode({"grant_type": "client_credentials", "scope": "all-apis"}).encode()
+            basic = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+            request = urllib.request.Request(self.token_url, data=body, method="POST", headers={
+                "Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as exc:
+                if exc.code in (400, 401, 403):
+                    raise ConfigError(f"The service principal was refused by {self.token_url} (HTTP {exc.code}): "
+                                      "check DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET.") from None
+                raise TransientError(f"OAuth token request failed (HTTP {exc.code}).") from None
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise TransientError(f"OAuth token request to {self.token_url} failed: {exc}") from None
+            self._token = str(answer["access_token"])
+            self._expires = time.monotonic() + float(answer.get("expires_in", 3600))
+            return self._token
+
+
+class DatabricksTarget:
+    """A Databricks table loaded through databricks-sql-connector.
+
+    Bulk path, 4 statements per batch whatever its size: PUT the batch as Parquet into a
+    Unity Catalog volume; INSERT the batch's record (app id, number, watermark, and the
+    watermark before it) into the progress table; COPY INTO the target from that one file;
+    REMOVE the file. COPY INTO never loads a file twice into a table, and the file's name is
+    (app id, batch number), so replaying a batch -- after a crash, or when the connector
+    re-sends a statement whose answer was lost -- loads nothing twice. The progress record is
+    written before the COPY, so after a crash the uploader knows the last batch that may have
+    been loaded and replays exactly that batch (same rows, same file name) before going on.
+
+    Fallback when no volume can be used: the record, then multi-row INSERTs of literal values,
+    each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT inserts nothing.
+    """
+
+    kind = "databricks"
+
+    def __init__(self, settings: Settings, table_name: str):
+        self.settings = settings
+        self.endpoint = parse_databricks_host(settings.databricks_host or "", settings.databricks_http_path or "")
+        self.catalog = settings.databricks_catalog
+        self.schema_name = settings.databricks_database or "default"
+        self.table_name = table_name
+        self.node_id = settings.node_id
+        self.lineage = [LINEAGE_CHOICES[c] for c in settings.lineage_columns]
+        self.connection: Any = None
+        self.columns: dict[str, str] | None = None  # target column -> Databricks type, once checked
+        self.arrow_schema: Any = None
+        self.volume: tuple[str, str, str, str] | None = None
+        self.method: str | None = None  # "copy" or "insert", decided once per run
+        self.auth = self._auth()
+        if self.endpoint.plain_http:
+            LOG.warning("databricks_host uses plain http://: the token travels unencrypted. Use this only "
+                        "for a local emulator.")
+
+    # -- names ---------------------------------------------------------------------------
+    def qualified(self, name: str) -> str:
+        parts = [self.catalog, self.schema_name, name] if self.catalog else [self.schema_name, name]
+        return ".".join(quote_db_ident(p) for p in parts)
+
+    @property
+    def full_name(self) -> str:
+        return self.qualified(self.table_name)
+
+    def describe(self) -> str:
+        where = self.endpoint.connection_uri() or f"https://{self.endpoint.host}{self.endpoint.http_path}"
+        return f"databricks:{where}#{'.'.join(p for p in (self.catalog, self.schema_name, self.table_name) if p)}"
+
+    # -- connection ----------------------------------------------------------------------
+    def _auth(self) -> dict[str, Any]:
+        settings = self.settings
+        if settings.databricks_token:
+            return {"access_token": settings.databricks_token}
+        if settings.databricks_client_id and settings.databricks_client_secret:
+            scheme = "http" if self.endpoint.plain_http else "https"
+            port = f":{self.endpoint.port}" if self.endpoint.port else ""
+            token_url = f"{scheme}://{self.endpoint.host}{port}/oidc/v1/token"
+            return {"credentials_provider": ServicePrincipalAuth(
+                token_url, settings.databricks_client_id, settings.databricks_client_secret)}
+        raise ConfigError("No Databricks credentials: set DATABRICKS_TOKEN (a personal access token), or "
+                          "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (a service principal, "
+                          "recommended for fleets).")
+
+    def connect(self) -> Any:
+        if self.connection is not None:
+            return self.connection
+        from databricks import sql
+
+        kwargs: dict[str, Any] = {
+            "server_hostname": self.endpoint.host,
+            "http_path": self.endpoint.http_path,
+            # Bounded retries: a dead network must fail a cycle in minutes, not the
+            # connector's default 15; the run loop then backs off and tries again.
+            "_retry_stop_after_attempts_duration": self.settings.databricks_retry_timeout,
+            "_retry_stop_after_attempts_count": 30,
+            "_retry_delay_min": 1.0,
+            "_retry_delay_max": 10.0,
+            "_socket_timeout": max(30.0, self.settings.databricks_retry_timeout),
+            **self.auth,
+        }
+        if self.endpoint.port and not self.endpoint.plain_http:
+            kwargs["_port"] = self.endpoint.port
+        if self.endpoint.plain_http:
+            kwargs["_connection_uri"] = self.endpoint.connection_uri()
+        if self.endpoint.local:
+            kwargs["enable_telemetry"] = False  # its side calls to a local address only time out
+        try:
+            self.connection = sql.connect(**kwargs)
+        except Exception as exc:
+            raise self._classify(exc, "connecting") from None
+        return self.connection
+
+    def _drop_connection(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def _classify(self, exc: Exception, doing: str) -> UploaderError:
+        """Turn connector and transport errors into the uploader's two kinds, with a clear message."""
+        text = str(exc) or type(exc).__name__
+        if self.settings.databricks_token:
+            text = text.replace(self.settings.databricks_token, SECRET_MASK)
+        lowered = text.lower()
+        if isinstance(exc, UploaderError):
+            return exc
+        if "401" in text or "403" in text or "unauthorized" in lowered or "invalid access token" in lowered:
+            return UploaderError(f"Databricks refused the credentials while {doing} ({text}). Check the token "
+                                 "or service principal and its grants (see README, Security).")
+        if "503" in text or "temporarily unavailable" in lowered or "starting" in lowered:
+            return TransientError(f"The SQL warehouse is starting or unavailable (HTTP 503) while {doing}; "
+                                  "waiting and retrying.")
+        from databricks.sql import exc as dbx_exc
+
+        if isinstance(exc, dbx_exc.ServerOperationError):
+            return UploaderError(f"Databricks rejected a statement while {doing}: {text}")
+        return TransientError(f"Cannot reach Databricks at {self.endpoint.host} while {doing}: {text}")
+
+    def execute(self, statement: str, parameters: Any = None, fetch: bool = False,
+                input_stream: Any = None, doing: str = "running a statement") -> list:
+        """One statement on the shared connection; transport failures drop it for a reconnect."""
+        connection = self.connect()
+        try:
+            with connection.cursor() as cursor:
+                if input_stream is not None:
+                    cursor.execute(statement, input_stream=input_stream)
+                else:
+                    cursor.execute(statement, parameters)
+                return cursor.fetchall() if fetch else []
+        except Exception as exc:
+            error = self._classify(exc, doing)
+            if isinstance(error, TransientError):
+                self._drop_connection()
+            raise error from None
+
+    def execute_arrow(self, statement: str) -> Any:
+        connection = self.connect()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+                if cursor.description is None:
+                    import pyarrow as pa
+
+                    return pa.table({"result": ["OK"]})
+                return cursor.fetchall_arrow()
+        except Exception as exc:
+            error = self._classify(exc, "running the query")
+            if isinstance(error, TransientError):
+                self._drop_connection()
+            raise error from None
+
+    # -- table set-up --------------------------------------------------------------------
+    def describe_columns(self, name: str) -> dict[str, str] | None:
+        """Column -> type of an existing table, None when it does not exist."""
+        try:
+            rows = self.execute(f"DESCRIBE TABLE {self.qualified(name)}", fetch=True, doing=f"describing {name}")
+        except UploaderError as exc:
+            text = str(exc)
+            if "TABLE_OR_VIEW_NOT_FOUND" in text or "not found" in text.lower() or "SCHEMA_NOT_FOUND" in text:
+                return None
+            raise
+        columns: dict[str, str] = {}
+        for row in rows:
+            column, data_type = row[0], row[1]
+            if not column or column.startswith("#"):
+                break  # partition / detail sections follow
+            columns[column] = data_type
+        return columns
+
+    def prepare(self, schema: Any) -> Any:
+        """Create or check the table once per run; return the schema batches must have."""
+        import pyarrow as pa
+
+        wanted = pa.schema(list(schema) + [self._lineage_field(c) for c in self.lineage])
+        if self.columns is None:
+            self._ensure_support_objects()
+            self.columns = self.describe_columns(self.table_name)
+            if self.columns is None:
+                self._create_table(wanted)
+        existing = {name.lower(): (name, kind) for name, kind in self.columns.items()}
+        fields, missing, clashes = [], [], []
+        for source_field in wanted:
+            match = existing.get(source_field.name.lower())
+            if match is None:
+                missing.append(source_field)
+                fields.append(source_field)
+                continue
+            target_type = arrow_type_for_databricks(match[1])
+            if not compatible(source_field.type, target_type):
+                clashes.append(f"{source_field.name} ({databricks_type(source_field.type)} in the source, "
+                               f"{match[1]} in {self.full_name})")
+            fields.append(pa.field(match[0], target_type or source_field.type))
+        if clashes:
+            raise ConfigError("Source and target columns do not match: " + "; ".join(clashes) +
+                              ". Change the target column types, or load into another table.")
+        if missing:
+            self._add_columns(missing)
+        self.arrow_schema = pa.schema(fields)
+        return self.arrow_schema
+
+    def _lineage_field(self, column: str) -> Any:
+        import pyarrow as pa
+
+        return pa.field(column, pa.timestamp("us", tz="UTC") if column == "_uploaded_at" else pa.string())
+
+    def _ensure_support_objects(self) -> None:
+        """Schema, progress table and (bulk path) the staging volume."""
+        create = self.settings.create_table
+        if create:
+            schema_name = (f"{quote_db_ident(self.catalog)}.{quote_db_ident(self.schema_name)}"
+                           if self.catalog else quote_db_ident(self.schema_name))
+            self.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_name}", doing="creating the schema")
+            self.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.qualified(PROGRESS_TABLE)} (app_id STRING, seq BIGINT, "
+                "node_id STRING, watermark STRING, before STRING, last_loc STRING, row_count BIGINT, "
+                "recorded_at TIMESTAMP)", doing="creating the progress table")
+        elif self.describe_columns(PROGRESS_TABLE) is None:
+            raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
+                              "create_table is off. Create it (see README) or allow create_table.")
+        self.method = self._choose_method()
+
+    def _choose_method(self) -> str:
+        setting = (self.settings.staging_volume or "auto").strip()
+        if setting.lower() == "none":
+            LOG.info("Loading with INSERT statements (staging_volume: none).")
+            return "insert"
+        if setting.lower() == "auto":
+            catalog = self.catalog or self._current_catalog()
+            self.volume = (catalog, self.schema_name, "sqlite_uploader_staging", "")
+        else:
+            self.volume = parse_volume(setting)
+        catalog, schema, volume, _ = self.volume
+        name = ".".join(quote_db_ident(p) for p in (catalog, schema, volume))
+        try:
+            if self.settings.create_table:
+                self.execute(f"CREATE VOLUME IF NOT EXISTS {name}", doing="creating the staging volume")
+            probe = f"{self.volume_dir(None)}/.probe-{os.getpid()}"
+            import io
+
+            self.execute(f"PUT '__input_stream__' INTO '{probe}' OVERWRITE", input_stream=io.BytesIO(b"ok"),
+                         doing="writing to the staging volume")
+            self.execute(f"REMOVE '{probe}'", doing="cleaning the staging volume")
+        except TransientError:
+            raise
+        except UploaderError as exc:
+            LOG.warning("The staging volume %s cannot be used (%s); loading with INSERT statements instead, "
+                        "which is slower. Grant READ VOLUME and WRITE VOLUME (see README).", name, exc)
+            return "insert"
+        LOG.info("Loading through the staging volume /Volumes/%s/%s/%s with COPY INTO.", catalog, schema, volume)
+        return "copy"
+
+    def _current_catalog(self) -> str:
+        rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
+        return str(rows[0][0])
+
+    def volume_dir(self, app_id: str | None) -> str:
+        assert self.volume is not None
+        catalog, schema, volume, directory = self.volume
+        base = f"/Volumes/{catalog}/{schema}/{volume}" + (f"/{directory}" if directory else "")
+        return base if app_id is None else f"{base}/{safe_file_part(app_id)}"
+
+    def _create_table(self, schema: Any) -> None:
+        if not self.settings.create_table:
+            raise ConfigError(f"Table {self.full_name} does not exist and create_table is off. Create it "
+                              "(README: Databricks table setup) or set create_table: true.")
+        columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in schema)
+        self.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns})", doing="creating the table")
+        LOG.info("Created table %s (%s).", self.full_name, columns)
+        self.columns = {f.name: databricks_type(f.type) for f in schema}
+
+    def _add_columns(self, fields: list) -> None:
+        assert self.columns is not None
+        if not self.settings.create_table:
+            raise ConfigError(f"Source column(s) {', '.join(f.name for f in fields)} are not in "
+                              f"{self.full_name} and create_table is off: add them to the table.")
+        columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in fields)
+        self.execute(f"ALTER TABLE {self.full_name} ADD COLUMNS ({columns})", doing="adding columns")
+        LOG.info("Added column(s) %s to %s.", columns, self.full_name)
+        self.columns.update({f.name: databricks_type(f.type) for f in fields})
+
+    # -- exactly-once records ----------------------------------------------------------------
+    def committed(self, app_id: str) -> CommitRecord | None:
+        if self.columns is None and self.describe_columns(PROGRESS_TABLE) is None:
+            return None
+        rows = self.execute(
+            f"SELECT seq, watermark, before, last_loc FROM {self.qualified(PROGRESS_TABLE)} "
+            "WHERE app_id = :app ORDER BY seq DESC LIMIT 1", {"app": app_id}, fetch=True,
+            doing="reading the progress table")
+        if not rows:
+            return None
+        seq, watermark, before, last_loc = rows[0]
+        return CommitRecord(int(seq), Watermark.from_json(json.loads(watermark)), complete=False,
+                            before=Watermark.from_json(json.loads(before)),
+                            last_loc=json_restore(json.loads(last_loc)))
+
+    def _record(self, batch: Batch) -> None:
+        """The batch's record, written before its rows: what a restart must replay."""
+        self.execute(
+            f"INSERT INTO {self.qualified(PROGRESS_TABLE)} (app_id, seq, node_id, watermark, before, last_loc, "
+            "row_count, recorded_at) VALUES (:app, :seq, :node, :mark, :before, :last, :rows, current_timestamp())",
+            {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
+             "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
+             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows},
+            doing=f"recording batch {batch.seq}")
+
+    # -- loading -------------------------------------------------------------------------
+    def write(self, batch: Batch) -> None:
+        rows = self._with_lineage(batch)
+        if self.method == "copy":
+            self._write_copy(batch, rows)
+        else:
+            self._write_insert(batch, rows)
+
+    def _with_lineage(self, batch: Batch) -> Any:
+        import pyarrow as pa
+
+        rows = batch.rows
+        values = {"_node_id": self.node_id, "_batch_id": f"{batch.app_id}:{batch.seq}",
+                  "_uploaded_at": datetime.now(timezone.utc)}
+        for column in self.lineage:
+            field_type = self._lineage_field(column).type
+            rows = rows.append_column(column, pa.array([values[column]] * rows.num_rows, type=field_type))
+        return rows.cast(self.arrow_schema) if self.arrow_schema is not None else rows
+
+    def _write_copy(self, batch: Batch, rows: Any) -> None:
+        import io
+
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(rows, buffer, compression="zstd")
+        buffer.seek(0)
+        directory = self.volume_dir(batch.app_id)
+        file_name = f"batch-{batch.seq:012d}.parquet"
+        self.execute(f"PUT '__input_stream__' INTO '{directory}/{file_name}' OVERWRITE", input_stream=buffer,
+                     doing=f"staging batch {batch.seq}")
+        self._record(batch)
+        result = self.execute(
+            f"COPY INTO {self.full_name} FROM '{directory}' FILEFORMAT = PARQUET FILES = ('{file_name}') "
+            "COPY_OPTIONS ('mergeSchema' = 'true')", fetch=True, doing=f"loading batch {batch.seq}")
+        LOG.debug("COPY INTO batch %d: %s", batch.seq, result)
+        self.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
+
+    def _write_insert(self, batch: Batch, rows: Any) -> None:
+        self._record(batch)
+        names = [f.name for f in rows.schema]
+        guard = "_batch_id"
+        if guard not in names:
+            raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
+                              "exactly-once; add batch_id to lineage_columns.")
+        column_list = ", ".join(quote_db_ident(n) for n in names)
+        aliases = ", ".join(f"c{i}" for i in range(len(names)))
+        batch_index = names.index(guard)
+        for part, chunk in enumerate(literal_chunks(rows, MAX_STATEMENT_BYTES)):
+            part_id = f"{batch.app_id}:{batch.seq}.{part}"
+            values = ", ".join("(" + ", ".join(
+                sql_literal(part_id) if i == batch_index else literal for i, literal in enumerate(row)) + ")"
+                for row in chunk)
+            self.execute(
+                f"INSERT INTO {self.full_name} ({column_list}) SELECT * FROM VALUES {values} AS v({aliases}) "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {self.full_name} WHERE {quote_db_ident(guard)} = "
+                f"{sql_literal(part_id)})", doing=f"inserting batch {batch.seq} part {part}")
+
+    # -- query mode ----------------------------------------------------------------------
+    def run_query(self, sql: str) -> Any:
+        return self.execute_arrow(sql)
+
+    def info(self, app_id: str | None) -> list[tuple[str, str]]:
+        lines = [("target", "Databricks SQL"), ("table", self.full_name),
+                 ("endpoint", self.describe().split("#")[0])]
+        columns = self.describe_columns(self.table_name)
+        if columns is None:
+            return [*lines, ("status", "table does not exist yet: nothing uploaded")]
+        count = self.execute(f"SELECT count(*) FROM {self.full_name}", fetch=True, doing="counting rows")[0][0]
+        lines.append(("rows", str(count)))
+        lines += [("column " + name, kind) for name, kind in columns.items()]
+        if self.describe_columns(PROGRESS_TABLE) is not None:
+            where, params = ("WHERE app_id = :app", {"app": app_id}) if app_id else ("", None)
+            rows = self.execute(
+                f"SELECT app_id, seq, node_id, watermark, recorded_at FROM {self.qualified(PROGRESS_TABLE)} "
+                f"{where} ORDER BY recorded_at DESC, seq DESC LIMIT 1", params, fetch=True,
+                doing="reading the progress table")
+            if rows:
+                app, seq, node, mark_json, recorded = rows[0]
+                mark = Watermark.from_json(json.loads(mark_json))
+                lines += [("last batch", f"{seq} from node {node} at {recorded} (app {app})"),
+                          ("last uploaded timestamp", micros_to_iso(mark.last_upload) or "-"),
+                          ("cursor", json.dumps(mark.to_json()))]
+        lower = {c.lower() for c in columns}
+        if "_node_id" in lower:
+            last = "max(`_uploaded_at`)" if "_uploaded_at" in lower else "NULL"
+            for node, rows_per_node, last_upload in self.execute(
+                    f"SELECT `_node_id`, count(*), {last} FROM {self.full_name} GROUP BY `_node_id` ORDER BY 1",
+                    fetch=True, doing="counting rows per node"):
+                lines.append((f"node {node}", f"{rows_per_node} rows, last upload {last_upload}"))
+        return lines
+
+    def close(self) -> None:
+        self._drop_connection()
+
+
+MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
+
+
+def safe_file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def literal_chunks(rows: Any, limit: int) -> Iterator[list[list[str]]]:
+    """Rows rendered as SQL literals, grouped so each INSERT stays under `limit` bytes."""
+    chunk: list[list[str]] = []
+    size = 0
+    for record in rows.to_pylist():
+        literals = [sql_literal(v) for v in record.values()]
+        length = sum(len(x) + 2 for x in literals) + 4
+        if chunk and size + length > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(literals)
+        size += length
+    if chunk:
+        yield chunk
+
+
 def make_target(settings: Settings, table_name: str) -> Target:
     if uses_databricks(settings):
-        raise ConfigError("The Databricks target is not available in this version; use target: delta "
-                          "(the local Delta table) for now.")
+        return DatabricksTarget(settings, table_name)
     return DeltaTarget(settings, table_name)
 
 
@@ -1738,10 +2427,19 @@ def parse_state(data: dict, path: Path) -> State:
                           "not changed. Move it away to resume from the target's record.") from None
 
 
-def app_id_for(source_path: str, table: str) -> str:
-    """Names this uploader in the target's commit records: stable for one database and table."""
-    digest = hashlib.sha256(f"{os.path.abspath(source_path)}\0{table}".encode()).hexdigest()[:16]
+def app_id_for(source_path: str, table: str, node_id: str | None = None) -> str:
+    """Names this uploader in the target's commit records: stable for one database and table.
+
+    For Databricks, where a fleet shares one table, the node id is part of it: every node has
+    the same /data/sensor.db path inside its container.
+    """
+    identity = f"{os.path.abspath(source_path)}\0{table}" + (f"\0{node_id}" if node_id else "")
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return f"{TOOL_NAME}:{digest}"
+
+
+def app_node(settings: Settings) -> str | None:
+    return settings.node_id if uses_databricks(settings) else None
 
 
 def check_binding(stored: State | None, fresh: State, state_path: Path) -> None:
@@ -1766,8 +2464,7 @@ def reconcile(stored: State | None, record: CommitRecord | None, fresh: State, s
                 "everything again into it, move the state file away.")
         return stored or fresh
     if stored is None:
-        LOG.warning("No state file; resuming after batch %d, which the target recorded as committed.",
-                    record.seq)
+        LOG.warning("No state file; resuming after batch %d, which the target recorded.", record.seq)
         return dataclasses.replace(fresh, batch_seq=record.seq, watermark=record.watermark)
     if record.seq > stored.batch_seq:
         LOG.warning("Batch %d reached the target but the state file was not updated (interrupted?); "
@@ -1811,7 +2508,7 @@ class Uploader:
         self.stop = stop
         self.reader = SourceReader(settings, source)
         self.state_file = StateFile(settings.state_dir)
-        self.app_id = app_id_for(settings.sqlite or "", source.name)
+        self.app_id = app_id_for(settings.sqlite or "", source.name, app_node(settings))
         self.column_types: dict[str, Any] = {}
         self.schema: Any = None
         self.transforms = TransformPlan()
@@ -1868,7 +2565,31 @@ class Uploader:
         """Agree with the target on where we are; run at start and after every failure."""
         record = self.target.committed(self.app_id)
         stored = self.state if self.state is not None else self.stored
-        self.state = reconcile(stored, record, self.fresh_state(), self.state_file.path, self.target.describe())
+        state = reconcile(stored, record, self.fresh_state(), self.state_file.path, self.target.describe())
+        if record is not None and not record.complete and (stored is None or record.seq > stored.batch_seq):
+            self.replay(record)
+        if state is not stored:
+            self.state_file.save(state)
+        self.state = state
+
+    def replay(self, record: CommitRecord) -> None:
+        """Load the recorded batch again -- the same rows under the same identity, so a load that
+        already happened is skipped by the target and one that did not happen happens now."""
+        before = record.before
+        if before is None or before.window is None or record.last_loc is None:
+            raise UploaderError(f"The target's record of batch {record.seq} does not say which rows it held.")
+        LOG.warning("Batch %d was recorded but not confirmed (interrupted?); loading it again, which the "
+                    "target makes a no-op if it already landed.", record.seq)
+        connection = self.reader.connect()
+        try:
+            raw = self.reader.read_batch(connection, before, before.window, 2**62, upper=record.last_loc)
+        finally:
+            connection.close()
+        rows, _report, first_ts, last_ts = self._convert(raw, TransformCounts())
+        if rows is None or rows.num_rows == 0:
+            return
+        self.target.write(Batch(record.seq, rows, self.app_id, record.watermark, raw.count, before,
+                                record.last_loc, first_ts, last_ts))
 
     # -- one cycle -----------------------------------------------------------------------
     def run_cycle(self) -> CycleStats:
@@ -1952,6 +2673,7 @@ class Uploader:
     def _next_batch(self, connection: sqlite3.Connection, mark: Watermark, seq: int,
                     stats: CycleStats) -> tuple[Batch | None, Watermark]:
         """Read and convert the next batch; return it with the watermark true after it commits."""
+        before = mark
         window = mark.window
         assert window is not None
         raw = self.reader.read_batch(connection, mark, window, self.settings.batch_size)
@@ -1976,7 +2698,7 @@ class Uploader:
             mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
         if rows is None or rows.num_rows == 0:
             return None, mark
-        return Batch(seq, rows, self.app_id, mark, raw.count, first_ts, last_ts), mark
+        return Batch(seq, rows, self.app_id, mark, raw.count, before, raw.last_loc, first_ts, last_ts), mark
 
     def _convert(self, raw: RawBatch, removed: TransformCounts
                  ) -> tuple[Any, ConversionReport, int | None, int | None]:
@@ -2094,7 +2816,7 @@ def run_query_mode(invocation: Invocation) -> int:
     if settings.sqlite and os.path.exists(settings.sqlite):
         with contextlib.suppress(ConfigError):
             source_table = describe_source(settings).name
-            app_id = app_id_for(settings.sqlite, source_table)
+            app_id = app_id_for(settings.sqlite, source_table, app_node(settings))
     target = make_target(settings, default_table_name(settings, source_table))
     try:
         if invocation.run_query.strip().upper() == "INFO":

@@ -126,6 +126,8 @@ def sample_value(option) -> tuple[object, str]:
     if option.kind == "choice":
         choice = next(c for c in option.choices if c != option.default)
         return choice, choice
+    if option.kind == "list":
+        return list(option.choices[:2]), ",".join(option.choices[:2])
     return f"{option.key}-value", f"{option.key}-value"
 
 
