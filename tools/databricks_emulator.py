@@ -78,10 +78,14 @@ def log(msg: str) -> None:
 class SqlError(Exception):
     """A statement failure reported to the client as Databricks does (ERROR_STATE + SQLSTATE)."""
 
-    def __init__(self, message: str, sql_state: str = "42000") -> None:
+    def __init__(self, message: str, sql_state: str = "42000", compile_error: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.sql_state = sql_state
+        # Recorded warehouse traffic answers a *parse* error with a failed ExecuteStatement
+        # (status ERROR_STATUS, no direct results) instead of an operation in ERROR_STATE; the
+        # connector then raises DatabaseError, not ServerOperationError. Holds the error text.
+        self.compile_error = compile_error
 
 
 def spark_error_to_sql_error(exc: BaseException) -> SqlError:
@@ -95,6 +99,11 @@ def spark_error_to_sql_error(exc: BaseException) -> SqlError:
     text = text.split("\n\nJVM stacktrace:", 1)[0].strip()
     if not text:
         text = exc.__class__.__name__
+    if exc.__class__.__name__ == "ParseException":
+        cls = re.match(r"\[([A-Z_.]+)\]", text)
+        prefix = f"[{cls.group(1)}] " if cls else ""
+        return SqlError("\n" + text + "\n", sql_state, compile_error=(
+            f"Error running query: {prefix}org.apache.spark.sql.catalyst.parser.ParseException: \n{text}\n"))
     return SqlError(text, sql_state)
 
 
@@ -359,7 +368,7 @@ class Result:
 
 
 def empty_result() -> Result:
-    return Result(pa.table({}))
+    return Result(pa.table({"Result": pa.array([], pa.string())}))
 
 
 def arrow_to_ttype(t: pa.DataType) -> T.TTypeEntry:
@@ -718,6 +727,9 @@ class Engine:
              .config("spark.sql.sources.default", "parquet")
              .config("spark.sql.legacy.createHiveTableByDefault", "false")
              .config("spark.sql.shuffle.partitions", "2")
+             # Every connector session is its own Spark session with its own relation cache; with
+             # caching on, one session's INSERT would stay invisible to another session's SELECT.
+             .config("spark.sql.filesourceTableRelationCacheSize", "0")
              .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
              .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
              .config("spark.local.dir", str(tmp))
@@ -836,6 +848,9 @@ class Engine:
             return self._insert(sess, sql, args)
         df = sess.sql(sql, args=args) if args is not None else sess.sql(sql)
         table = df.toArrow()
+        if table.num_columns == 0:
+            # Recorded warehouse answers to DDL carry one empty STRING column named "Result".
+            table = pa.table({"Result": pa.array([], pa.string())})
         return Result(self._databricks_column_names(kind, sql, table))
 
     @staticmethod
@@ -850,8 +865,13 @@ class Engine:
     # ---- INSERT: Spark's own INSERT (job commit is all-or-nothing), plus Databricks' counts ----
     def _insert(self, sess: Any, sql: str, args: Any) -> Result:
         df = sess.sql(sql, args=args) if args is not None else sess.sql(sql)
-        n = self._written_rows(df)
-        self.stats.add_rows(n)
+        try:
+            n: int | None = self._written_rows(df)
+        except Exception as exc:
+            # The rows are committed already; never turn a successful INSERT into an error.
+            log(f"could not read the written-row metric of an INSERT: {exc}")
+            n = None
+        self.stats.add_rows(n or 0)
         table = pa.table({"num_affected_rows": pa.array([n], pa.int64()),
                           "num_inserted_rows": pa.array([n], pa.int64())})
         return Result(table, num_modified_rows=n)
@@ -1142,7 +1162,7 @@ class Engine:
 
     def meta_columns(self, catalog: str | None, schema: str | None, table: str | None,
                      column: str | None) -> Result:
-        jdbc_types = {"boolean": 16, "tinyint": -6, "smallint": 5, "int": 4, "bigint": -5, "float": 6,
+        jdbc_types = {"boolean": 16, "byte": -6, "short": 5, "integer": 4, "long": -5, "float": 6,
                       "double": 8, "string": 12, "binary": -2, "date": 91, "timestamp": 93,
                       "timestamp_ntz": 93, "decimal": 3, "array": 2003, "map": 2000, "struct": 2002}
         rows = []
@@ -1376,6 +1396,12 @@ class ThriftService:
             threading.Thread(target=self._run, args=(op, run), daemon=True).start()
             return T.TExecuteStatementResp(status=ok_status(), operationHandle=op.handle)
         self._run(op, run)
+        if op.error is not None and op.error.compile_error:
+            with self.lock:
+                self.ops.pop(op.handle.operationId.guid, None)
+            return T.TExecuteStatementResp(status=T.TStatus(
+                statusCode=T.TStatusCode.ERROR_STATUS, sqlState=op.error.sql_state, errorCode=0,
+                errorMessage=op.error.compile_error, displayMessage=op.error.message))
         return T.TExecuteStatementResp(status=ok_status(), operationHandle=op.handle,
                                        directResults=self._direct(op, req.getDirectResults))
 
@@ -1407,7 +1433,8 @@ class ThriftService:
     def CancelOperation(self, req: T.TCancelOperationReq) -> T.TCancelOperationResp:
         op = self._op(req.operationHandle)
         if op is None:
-            return T.TCancelOperationResp(status=error_status("Invalid OperationHandle"))
+            # Already finished and closed server side (direct results): nothing left to cancel.
+            return T.TCancelOperationResp(status=ok_status())
         if not op.done.is_set():
             self.engine.cancel(op.handle.operationId.guid.hex())
             op.state = T.TOperationState.CANCELED_STATE
