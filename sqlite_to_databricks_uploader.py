@@ -2919,6 +2919,13 @@ def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Sequence[
     LOG.handlers[:] = [handler]
     LOG.setLevel(level)
     LOG.propagate = False
+    # The connector and urllib3 log their own retries and failures; the uploader reports the
+    # outcome itself, so theirs are shown (through the same masking handler) only when debugging.
+    for name in ("databricks", "urllib3", "thrift"):
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(logging.WARNING if level == "DEBUG" else logging.CRITICAL)
+        library.propagate = False
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

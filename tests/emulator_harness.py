@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -65,6 +66,8 @@ class Emulator:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="dbx-emulator-"))
         self.token = token
+        # A service principal the emulator's /oidc/v1/token accepts (OAuth M2M tests).
+        self.client_id, self.client_secret = "emulator-sp", "emulator-sp-secret"
         self.port = port or free_port()
         self.warehouse_id = warehouse_id
         self.startup_timeout = startup_timeout
@@ -86,10 +89,13 @@ class Emulator:
 
     # ---- life cycle ----
     def start(self) -> Emulator:
-        cmd = ["uv", "run", "-q", "-s", str(EMULATOR_SCRIPT), "--port", str(self.port),
+        # `python -m uv` execs the uv binary in place (signals reach it) and works even where
+        # pip put uv in a bin directory that is not on PATH.
+        cmd = [sys.executable, "-m", "uv", "run", "-q", "-s", str(EMULATOR_SCRIPT), "--port", str(self.port),
                "--data-dir", str(self.data_dir)]
         if self.token is not None:
             cmd += ["--token", self.token]
+        cmd += ["--client", f"{self.client_id}:{self.client_secret}"]
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO_ROOT)
         log.close()

@@ -1526,6 +1526,7 @@ class Emulator:
         self.port = port
         self.token = token
         self.stats = Stats()
+        self.clients: dict[str, str] = {}  # service principals for /oidc/v1/token: id -> secret
         self.faults = Faults(self.stats)
         self.config: dict[str, Any] = {}
         self.storage = Storage(data_dir)
@@ -1640,6 +1641,27 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                             headers={"Retry-After": str(f.retry_after if f.retry_after is not None else 1)})
             return True
 
+        def _oauth_token(self, body: bytes) -> None:
+            """Databricks' OAuth machine-to-machine endpoint: client credentials in, the token out."""
+            import base64
+            from urllib.parse import parse_qs
+
+            emu.stats.bump("rpc", "OAuthToken")
+            form = parse_qs(body.decode("utf-8", "replace"))
+            auth = self.headers.get("Authorization", "")
+            client = (None, None)
+            if auth.startswith("Basic "):
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    client = tuple(base64.b64decode(auth[6:]).decode().split(":", 1))  # type: ignore[assignment]
+            elif "client_id" in form:
+                client = (form["client_id"][0], form.get("client_secret", [""])[0])
+            known = emu.clients.get(client[0] or "")
+            if form.get("grant_type") != ["client_credentials"] or known is None or known != client[1]:
+                self._json(401, {"error": "invalid_client", "error_description": "Client authentication failed"})
+                return
+            self._json(200, {"access_token": emu.token or "emulator-oauth-token", "token_type": "Bearer",
+                             "expires_in": 3600, "scope": "all-apis"})
+
         def _auth_ok(self) -> bool:
             if emu.token is None:
                 return True
@@ -1662,6 +1684,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             path = urlparse(self.path).path
             if path.startswith("/admin/"):
                 self._admin(path, self._body())
+            elif path == "/oidc/v1/token":
+                self._oauth_token(self._body())
             elif THRIFT_PATH_RE.match(path):
                 self._thrift()
             else:
@@ -1800,6 +1824,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--token", default=None, help="required Bearer token (default: accept any)")
+    p.add_argument("--client", action="append", default=[], metavar="ID:SECRET",
+                   help="a service principal accepted by /oidc/v1/token (repeatable); it gets --token")
     p.add_argument("--catalog", action="append", default=[],
                    help="extra catalog name mapped onto Spark's session catalog (repeatable)")
     return p.parse_args(argv)
@@ -1809,6 +1835,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     emu = Emulator(args.port, args.data_dir, args.token)
+    emu.clients = dict(pair.split(":", 1) for pair in args.client if ":" in pair)
     emu.engine.catalogs.update(c.lower() for c in args.catalog)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
