@@ -628,6 +628,9 @@ def describe_source(settings: Settings) -> SourceTable:
         table = choose_table(connection, settings.sqlite_table_name, path)
         columns, primary_key = read_columns(connection, table)
         locator = table_locator(connection, table, columns, primary_key)
+        if settings.cursor == "rowid" and locator[0] not in ("rowid", "_rowid_", "oid"):
+            raise ConfigError(f"cursor: rowid needs a table with rowids, but {table!r} is a WITHOUT ROWID "
+                              "table (its primary key does not follow insertion order). Use cursor: timestamp.")
         timestamp_col = settings.timestamp_col
         if timestamp_col:
             matches = [c.name for c in columns if c.name.lower() == timestamp_col.lower()]
@@ -651,6 +654,9 @@ def describe_source(settings: Settings) -> SourceTable:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 JULIAN_UNIX_EPOCH = 2440587.5
+# Valid instants: years 0001-9999, what Arrow, Delta and Spark timestamps hold.
+MIN_MICROS, MAX_MICROS = -62135596800_000_000, 253402300799_999_999
+MIN_JULIAN, MAX_JULIAN = 1721425.5, 5373484.5  # Julian days of 0001-01-01 and 10000-01-01
 _ISO_FIX = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
                       re.IGNORECASE)
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
@@ -741,8 +747,7 @@ def timestamp_to_micros(value: Any, naive_tz: Any = timezone.utc) -> int | None:
             return None
     except (ValueError, OverflowError, UnicodeDecodeError):
         return None
-    # Arrow/Delta/Spark timestamps cover years 0001-9999.
-    if micros is None or not -62135596800_000_000 <= micros <= 253402300799_999_999:
+    if micros is None or not MIN_MICROS <= micros <= MAX_MICROS:
         return None
     return micros
 
@@ -751,7 +756,7 @@ def micros_to_iso(micros: int | None) -> str | None:
     if micros is None:
         return None
     moment = EPOCH + timedelta(microseconds=micros)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    text = f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S")
     if moment.microsecond:
         text += f".{moment.microsecond:06d}"
     return text + "Z"
@@ -771,27 +776,37 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
     """SQL for a row's cursor key: integer milliseconds since 1970 UTC, NULL when unreadable.
 
     It is computed inside SQLite so that windows and batches are planned without moving rows
-    into Python. Date-like text goes through julianday() (milliseconds, exact when rounded; the
-    '-' test keeps julianday('now') and numbers-as-text out); forms it does not know, and naive
-    text in a non-UTC zone, go to the registered Python function upl_key().
-    The same function is applied on both sides of every comparison, so the key only has to be
-    deterministic, not identical to the uploaded value's precision (microseconds).
+    into Python. It follows timestamp_to_micros() rule for rule, rounded to the millisecond:
+    every branch checks the years 0001-9999, so a sentinel such as 2**63-1 or a stray 21.5 is
+    *unreadable* (NULL: uploaded, never blocking newer rows) rather than a far-future or
+    far-past key. Date-like text goes through julianday() (milliseconds, exact when rounded);
+    the '-' test keeps julianday('now') and numbers-as-text out, and the day-of-month test
+    sends dates SQLite would roll over (Feb 30, 24:00) -- and offsets that cross midnight -- to
+    the registered Python function upl_key(), as it does every form SQLite does not know and
+    naive text in a non-UTC zone. The key only has to be deterministic and ordered like the
+    instants; the uploaded value keeps microseconds.
     """
     c = quote_ident(column)
+    julian = f"CAST(round(({c} - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER)"
     text_branch = (
         f"upl_key({c})" if python_for_text else
-        f"coalesce(CASE WHEN substr({c}, 5, 1) = '-' "
+        f"coalesce(CASE WHEN substr({c}, 5, 1) = '-' AND substr({c}, 1, 4) <> '0000' "
+        f"AND date(julianday({c})) = substr({c}, 1, 10) "
         f"THEN CAST(round((julianday({c}) - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) END, upl_key({c}))"
     )
+    min_s, max_us = MIN_MICROS // 1_000_000, MAX_MICROS
     return (
         f"(CASE typeof({c}) "
-        f"WHEN 'integer' THEN CASE WHEN abs({c}) < 10000000 "
-        f"THEN CAST(round(({c} - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) "
-        f"WHEN abs({c}) < 100000000000 THEN {c} * 1000 "
-        f"WHEN abs({c}) < 100000000000000 THEN {c} ELSE {c} / 1000 END "
-        f"WHEN 'real' THEN CASE WHEN abs({c}) < 10000000.0 "
-        f"THEN CAST(round(({c} - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) "
-        f"WHEN abs({c}) < 100000000000.0 THEN CAST(round({c} * 1000.0) AS INTEGER) "
+        f"WHEN 'integer' THEN CASE "
+        f"WHEN abs({c}) < 10000000 THEN CASE WHEN {c} >= {MIN_JULIAN} AND {c} < {MAX_JULIAN} THEN {julian} END "
+        f"WHEN abs({c}) < 100000000000 THEN CASE WHEN {c} >= {min_s} THEN {c} * 1000 END "
+        f"WHEN abs({c}) < 100000000000000 THEN CASE WHEN {c} >= {min_s * 1000} THEN {c} END "
+        f"WHEN {c} > 0 THEN CASE WHEN {c} <= {max_us} THEN ({c} + 500) / 1000 END "
+        f"ELSE CASE WHEN {c} >= {MIN_MICROS} THEN -((-{c} + 499) / 1000) END END "
+        f"WHEN 'real' THEN CASE "
+        f"WHEN abs({c}) < 10000000.0 THEN CASE WHEN {c} >= {MIN_JULIAN} AND {c} < {MAX_JULIAN} THEN {julian} END "
+        f"WHEN abs({c}) < 100000000000.0 THEN CASE WHEN {c} >= {min_s} "
+        f"THEN CAST(round({c} * 1000.0) AS INTEGER) END "
         f"ELSE upl_key({c}) END "
         f"WHEN 'text' THEN {text_branch} "
         f"WHEN 'blob' THEN upl_key({c}) END)"
@@ -823,6 +838,7 @@ class Window:
     filtered: bool  # True when the window holds rows that are not pending: batches test the key
     rows: int  # pending rows at planning time
     rows_done: int = 0
+    ties: list | None = None  # primary keys read so far with key == top_key (WITHOUT ROWID tables)
 
 
 @dataclass
@@ -835,6 +851,10 @@ class Watermark:
     null_loc: list | None = None  # unreadable-timestamp rows are done up to this locator
     last_upload: int | None = None  # highest uploaded timestamp, microseconds (for people)
     window: Window | None = None
+    # WITHOUT ROWID tables: primary keys already uploaded with exactly `key`. Their keys are not
+    # increasing like rowids, so a row added later with the same timestamp can sort below `loc`;
+    # it is new when its key is not in this set. None: ties are ordered by `loc` (rowid tables).
+    ties: list | None = None
 
     def to_json(self) -> dict:
         return json_safe(dataclasses.asdict(self))
@@ -886,6 +906,7 @@ class SourceReader:
         self.loc_sql = ", ".join(self._loc_term(c) for c in table.locator)
         self.loc_row = f"({self.loc_sql})"
         self.from_sql = quote_ident(table.name)
+        self.has_rowid = table.locator[0] in ("rowid", "_rowid_", "oid")
         self.columns_sql = ", ".join(quote_ident(c) for c in table.column_names)
 
     @staticmethod
@@ -911,6 +932,11 @@ class SourceReader:
         params: list = []
         if mark.key is None:
             keyed = f"{key} IS NOT NULL"
+        elif mark.ties is not None:
+            matches = " AND ".join(f"json_extract(t.value, '$[{i}]') = {loc}" for i, loc in enumerate(locs))
+            keyed = (f"({key} > ? OR ({key} = ? AND NOT EXISTS (SELECT 1 FROM json_each(?) AS t "
+                     f"WHERE {matches})))")
+            params += [mark.key, mark.key, json.dumps(mark.ties)]
         else:
             keyed = f"({key}, {loc_list}) > (?, {', '.join('?' for _ in mark.loc)})"
             params += [mark.key, *mark.loc]
@@ -958,7 +984,8 @@ class SourceReader:
             f"FROM ({inner} LIMIT -1)", [*(params * repeats), *top]).fetchone()
         if not count:
             return None
-        filtered = not single or settled_after(last_settled, first_loc)
+        # WITHOUT ROWID tables always read with the key: it tells which rows tie at the top.
+        filtered = not single or not self.has_rowid or settled_after(last_settled, first_loc)
         return Window(top=top, top_key=top_key, start=[first_loc] if single else None, done=None,
                       filtered=filtered, rows=count)
 
@@ -1013,10 +1040,14 @@ class SourceReader:
             return RawBatch(columns={n: [] for n in names}, last_loc=None, count=0)
         columns = list(zip(*rows))
         last = rows[-1]
+        ties = None
+        if window.filtered and window.top_key is not None and not self.has_rowid:
+            ties = [list(row[1:1 + width]) for row in rows if row[0] == window.top_key]
         return RawBatch(
             columns={n: list(columns[skip + width + i]) for i, n in enumerate(names)},
             last_loc=list(last[skip:skip + width]),
             count=len(rows),
+            ties=ties,
         )
 
 
@@ -1030,6 +1061,9 @@ def settled_after(last_settled: Any, first_pending: Any) -> bool:
         return True
 
 
+MAX_TIES = 1000  # primary keys remembered at the cursor's timestamp (WITHOUT ROWID tables)
+
+
 @dataclass
 class RawBatch:
     """Rows as SQLite gave them, column by column."""
@@ -1037,6 +1071,7 @@ class RawBatch:
     columns: dict[str, list]
     last_loc: list | None
     count: int
+    ties: list | None = None  # locators of rows whose key equals the window's top key
 
 
 @contextlib.contextmanager
@@ -1161,7 +1196,7 @@ def timestamps_to_micros(values: list, naive_tz: Any) -> list[int | None]:
     from_iso = datetime.fromisoformat
     utc_naive = naive_tz is timezone.utc
     epoch_naive = EPOCH.replace(tzinfo=None)
-    low, high = -62135596800_000_000, 253402300799_999_999
+    low, high = MIN_MICROS, MAX_MICROS
     for value in values:
         kind = type(value)
         if kind is str and value[4:5] == "-":
@@ -1184,7 +1219,7 @@ def timestamps_to_micros(values: list, naive_tz: Any) -> list[int | None]:
             append(value * 1_000)
         elif kind is int and 10_000_000 <= value < 100_000_000_000:
             append(value * 1_000_000)
-        elif kind is float and 0 < value < 10_000_000:
+        elif kind is float and MIN_JULIAN <= value < MAX_JULIAN:
             append(round((value - JULIAN_UNIX_EPOCH) * 86_400_000) * 1_000)
         else:
             append(timestamp_to_micros(value, naive_tz))
@@ -2686,19 +2721,37 @@ class Uploader:
         for name, count in report.nulled.items():
             stats.nulled[name] = stats.nulled.get(name, 0) + count
         last_upload = max(filter(None, (mark.last_upload, last_ts)), default=None)
+        ties = None
+        if window.ties is not None or raw.ties is not None:
+            ties = (window.ties or []) + (raw.ties or [])
         if finished:
             if mark.mode == "timestamp":
                 key = window.top_key if window.top_key is not None else mark.key
                 loc = window.top if window.top_key is not None else mark.loc
-                mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None)
+                mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None,
+                                 self._final_ties(mark, window, ties))
             else:
                 mark = Watermark("rowid", None, list(window.top), list(window.top), last_upload, None)
         else:
-            progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count)
+            progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count,
+                                             ties=ties)
             mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
         if rows is None or rows.num_rows == 0:
             return None, mark
         return Batch(seq, rows, self.app_id, mark, raw.count, before, raw.last_loc, first_ts, last_ts), mark
+
+    def _final_ties(self, mark: Watermark, window: Window, ties: list | None) -> list | None:
+        """Primary keys already uploaded at the new watermark's timestamp (WITHOUT ROWID tables)."""
+        if self.reader.has_rowid or window.top_key is None:
+            return None
+        ties = list(ties or [])
+        if mark.ties is not None and mark.key == window.top_key:
+            ties = mark.ties + ties
+        if len(ties) > MAX_TIES:
+            LOG.warning("%d rows share the timestamp at the cursor; a row added later with exactly that "
+                        "timestamp and a smaller primary key than the last one sent will be missed.", len(ties))
+            return None
+        return ties
 
     def _convert(self, raw: RawBatch, removed: TransformCounts
                  ) -> tuple[Any, ConversionReport, int | None, int | None]:
