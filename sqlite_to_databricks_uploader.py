@@ -2147,6 +2147,10 @@ class DatabricksTarget:
             raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
                               "create_table is off. Create it (see README) or allow create_table.")
         self.method = self._choose_method()
+        if self.method == "insert" and "_batch_id" not in self.lineage:
+            raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
+                              "exactly-once: add batch_id to lineage_columns (LINEAGE_COLUMNS=batch_id), or "
+                              "give the uploader a usable staging volume.")
 
     def _choose_method(self) -> str:
         setting = (self.settings.staging_volume or "auto").strip()
@@ -2249,7 +2253,10 @@ class DatabricksTarget:
         for column in self.lineage:
             field_type = self._lineage_field(column).type
             rows = rows.append_column(column, pa.array([values[column]] * rows.num_rows, type=field_type))
-        return rows.cast(self.arrow_schema) if self.arrow_schema is not None else rows
+        if self.arrow_schema is None:
+            return rows
+        # The table's spelling of each name (it may differ in case), then its types.
+        return rows.rename_columns(self.arrow_schema.names).cast(self.arrow_schema)
 
     def _write_copy(self, batch: Batch, rows: Any) -> None:
         import io
@@ -2274,9 +2281,6 @@ class DatabricksTarget:
         self._record(batch)
         names = [f.name for f in rows.schema]
         guard = "_batch_id"
-        if guard not in names:
-            raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
-                              "exactly-once; add batch_id to lineage_columns.")
         column_list = ", ".join(quote_db_ident(n) for n in names)
         aliases = ", ".join(f"c{i}" for i in range(len(names)))
         batch_index = names.index(guard)
@@ -2462,19 +2466,24 @@ def parse_state(data: dict, path: Path) -> State:
                           "not changed. Move it away to resume from the target's record.") from None
 
 
-def app_id_for(source_path: str, table: str, node_id: str | None = None) -> str:
+def app_id_for(source_path: str, table: str, scope: str | None = None) -> str:
     """Names this uploader in the target's commit records: stable for one database and table.
 
-    For Databricks, where a fleet shares one table, the node id is part of it: every node has
-    the same /data/sensor.db path inside its container.
+    A Delta table keeps its own records, so the source is enough. On Databricks the progress
+    table serves a whole schema and a fleet shares the target table, so the scope adds the
+    node id (every node has the same /data/sensor.db inside its container) and the target
+    table's name.
     """
-    identity = f"{os.path.abspath(source_path)}\0{table}" + (f"\0{node_id}" if node_id else "")
+    identity = f"{os.path.abspath(source_path)}\0{table}" + (f"\0{scope}" if scope else "")
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return f"{TOOL_NAME}:{digest}"
 
 
-def app_node(settings: Settings) -> str | None:
-    return settings.node_id if uses_databricks(settings) else None
+def app_scope(settings: Settings, target_table: str) -> str | None:
+    if not uses_databricks(settings):
+        return None
+    names = (settings.databricks_catalog or "", settings.databricks_database or "", target_table)
+    return f"{settings.node_id}\0" + ".".join(names).lower()
 
 
 def check_binding(stored: State | None, fresh: State, state_path: Path) -> None:
@@ -2543,7 +2552,8 @@ class Uploader:
         self.stop = stop
         self.reader = SourceReader(settings, source)
         self.state_file = StateFile(settings.state_dir)
-        self.app_id = app_id_for(settings.sqlite or "", source.name, app_node(settings))
+        self.app_id = app_id_for(settings.sqlite or "", source.name,
+                                 app_scope(settings, default_table_name(settings, source.name)))
         self.column_types: dict[str, Any] = {}
         self.schema: Any = None
         self.transforms = TransformPlan()
@@ -2869,7 +2879,8 @@ def run_query_mode(invocation: Invocation) -> int:
     if settings.sqlite and os.path.exists(settings.sqlite):
         with contextlib.suppress(ConfigError):
             source_table = describe_source(settings).name
-            app_id = app_id_for(settings.sqlite, source_table, app_node(settings))
+            app_id = app_id_for(settings.sqlite, source_table,
+                                app_scope(settings, default_table_name(settings, source_table)))
     target = make_target(settings, default_table_name(settings, source_table))
     try:
         if invocation.run_query.strip().upper() == "INFO":
