@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, read_delta, run_uploader, sqlite_rows, uploader_command
+from uploader_testkit import clean_env, read_delta, run_uploader, sqlite_rows, uploader_command
 
 # -------------------------------------------------------------------------------------------
 # Helpers

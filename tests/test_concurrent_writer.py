@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, read_delta, uploader_command
 from make_sample_db import make_sample_db
+from uploader_testkit import ROOT, clean_env, read_delta, uploader_command
 
 WRITE_SECONDS = 4.0
 

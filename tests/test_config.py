@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, clean_env, read_delta, run_uploader, sqlite_rows
+from uploader_testkit import ROOT, clean_env, read_delta, run_uploader, sqlite_rows
 
 import sqlite_to_databricks_uploader as uploader
 

@@ -17,8 +17,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import read_delta, run_uploader
 from make_sample_db import format_timestamp
+from uploader_testkit import read_delta, run_uploader
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -22,10 +22,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, read_delta, run_uploader, uploader_command
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from make_sample_db import DEVICES, SCHEMA, STATUSES, format_timestamp
+from uploader_testkit import clean_env, read_delta, run_uploader, uploader_command
 
 START = datetime(2026, 3, 1, 11, 59, 0, tzinfo=timezone.utc)  # crosses noon: whole Julian days too
 MIN_KILLS = 20

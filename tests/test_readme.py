@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, read_delta
+from uploader_testkit import ROOT, clean_env, read_delta
 
 import sqlite_to_databricks_uploader as uploader
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import clean_env, read_delta, run_uploader, sqlite_rows
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from uploader_testkit import clean_env, read_delta, run_uploader, sqlite_rows
 
 import sqlite_to_databricks_uploader as uploader
 
