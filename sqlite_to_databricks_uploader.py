@@ -2881,9 +2881,14 @@ def run_query_mode(invocation: Invocation) -> int:
             source_table = describe_source(settings).name
             app_id = app_id_for(settings.sqlite, source_table,
                                 app_scope(settings, default_table_name(settings, source_table)))
-    target = make_target(settings, default_table_name(settings, source_table))
+    info = invocation.run_query.strip().upper() == "INFO"
+    if uses_databricks(settings) and not info and not (settings.databricks_table or source_table):
+        table_name = ""  # plain SQL on Databricks names its own tables
+    else:
+        table_name = default_table_name(settings, source_table)
+    target = make_target(settings, table_name)
     try:
-        if invocation.run_query.strip().upper() == "INFO":
+        if info:
             lines = target.info(app_id)
             state = StateFile(settings.state_dir)
             with contextlib.suppress(ConfigError):

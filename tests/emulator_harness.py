@@ -227,7 +227,12 @@ class Emulator:
                  if not any(part.startswith((".", "_")) for part in p.relative_to(location).parts)]
         if not files:
             return pa.table({})
-        return pads.dataset([str(f) for f in files], format="parquet",
+        # Files written before an ALTER TABLE ADD COLUMNS lack the new columns: read with the
+        # union of every file's schema, not the first file's.
+        import pyarrow.parquet as pq
+
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+        return pads.dataset([str(f) for f in files], schema=schema, format="parquet",
                             partitioning="hive", partition_base_dir=str(location)).to_table()
 
     def copy_history(self, schema: str, table: str) -> dict[str, Any]:
