@@ -231,9 +231,11 @@ class Emulator:
         # union of every file's schema, not the first file's.
         import pyarrow.parquet as pq
 
-        schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-        return pads.dataset([str(f) for f in files], schema=schema, format="parquet",
-                            partitioning="hive", partition_base_dir=str(location)).to_table()
+        names = [str(f) for f in files]
+        inferred = pads.dataset(names, format="parquet", partitioning="hive", partition_base_dir=str(location))
+        schema = pa.unify_schemas([inferred.schema, *(pq.read_schema(f) for f in files)])
+        return pads.dataset(names, schema=schema, format="parquet", partitioning="hive",
+                            partition_base_dir=str(location)).to_table()
 
     def copy_history(self, schema: str, table: str) -> dict[str, Any]:
         path = self.table_location(schema, table) / "_copy_into_log.json"
