@@ -994,10 +994,14 @@ class SourceReader:
 
     # -- reading -------------------------------------------------------------------------
     def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
-                   limit: int, upper: list | None = None) -> RawBatch:
+                   limit: int, upper: list | None = None,
+                   convert: Callable[[Sequence[tuple]], Any] | None = None) -> RawBatch:
         """The next rows of the window in locator order, in one short read transaction.
 
-        `upper` (inclusive) re-reads exactly an earlier batch, for a replay after a crash.
+        Rows are fetched a few thousand at a time and each chunk is handed to `convert` (its
+        columns, in table order) at once, so the batch is kept as compact Arrow arrays rather
+        than as Python tuples. `upper` (inclusive) re-reads exactly an earlier batch, for a
+        replay after a crash.
         """
         bounds = [f"{self.loc_row} <= {self._marks(window.top)}"]
         params: list = list(window.top)
@@ -1022,8 +1026,11 @@ class SourceReader:
             params += pending_params
         else:
             sql = f"{select} ORDER BY {order} LIMIT {int(limit)}"
+        skip = 1 if window.filtered else 0
+        track_ties = window.filtered and window.top_key is not None and not self.has_rowid
+        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns))
         try:
-            rows = fetch_all(connection, sql, params)
+            raw = fetch_chunks(connection, sql, params, shape)
         except sqlite3.OperationalError as exc:
             if "decode" not in str(exc).lower():
                 raise
@@ -1031,24 +1038,42 @@ class SourceReader:
                         "replaced by U+FFFD.")
             connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
             try:
-                rows = fetch_all(connection, sql, params)
+                raw = fetch_chunks(connection, sql, params, shape)
             finally:
                 connection.text_factory = str
-        skip = 1 if window.filtered else 0
-        names = self.table.column_names
-        if not rows:
-            return RawBatch(columns={n: [] for n in names}, last_loc=None, count=0)
-        columns = list(zip(*rows))
-        last = rows[-1]
-        ties = None
-        if window.filtered and window.top_key is not None and not self.has_rowid:
-            ties = [list(row[1:1 + width]) for row in rows if row[0] == window.top_key]
-        return RawBatch(
-            columns={n: list(columns[skip + width + i]) for i, n in enumerate(names)},
-            last_loc=list(last[skip:skip + width]),
-            count=len(rows),
-            ties=ties,
-        )
+        return raw
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """How to take apart the rows of a batch read: [key], locator..., columns..."""
+
+    skip: int  # 1 when the cursor key leads each row
+    width: int  # locator columns
+    track_ties: bool
+    top_key: int | None
+    convert: Callable[[Sequence[tuple]], Any]
+
+
+FETCH_ROWS = 4096  # rows per fetchmany: small enough to stay in the CPU caches
+
+
+def fetch_chunks(connection: sqlite3.Connection, sql: str, params: Sequence, shape: ChunkShape) -> RawBatch:
+    """Run one read and drain it at once: the statement (and its snapshot) ends here."""
+    raw = RawBatch(chunks=[], last_loc=None, count=0, ties=[] if shape.track_ties else None)
+    first = shape.skip + shape.width
+    with gc_paused():
+        cursor = connection.execute(sql, params)
+        try:
+            while rows := cursor.fetchmany(FETCH_ROWS):
+                raw.count += len(rows)
+                raw.last_loc = list(rows[-1][shape.skip:first])
+                if raw.ties is not None:
+                    raw.ties += [list(row[1:first]) for row in rows if row[0] == shape.top_key]
+                raw.chunks.append(shape.convert(list(zip(*rows))[first:]))
+        finally:
+            cursor.close()
+    return raw
 
 
 def settled_after(last_settled: Any, first_pending: Any) -> bool:
@@ -1066,9 +1091,9 @@ MAX_TIES = 1000  # primary keys remembered at the cursor's timestamp (WITHOUT RO
 
 @dataclass
 class RawBatch:
-    """Rows as SQLite gave them, column by column."""
+    """One read: its chunks (as `convert` made them), the last locator read, the row count."""
 
-    columns: dict[str, list]
+    chunks: list
     last_loc: list | None
     count: int
     ties: list | None = None  # locators of rows whose key equals the window's top key
@@ -1084,19 +1109,6 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def fetch_all(connection: sqlite3.Connection, sql: str, params: Sequence) -> list[tuple]:
-    """Run one read and drain it at once: the statement (and its snapshot) ends here."""
-    rows: list[tuple] = []
-    with gc_paused():
-        cursor = connection.execute(sql, params)
-        try:
-            while chunk := cursor.fetchmany(4096):
-                rows.extend(chunk)
-        finally:
-            cursor.close()
-    return rows
 
 
 # --- From SQLite values to typed Arrow columns
@@ -2627,10 +2639,10 @@ class Uploader:
                     "target makes a no-op if it already landed.", record.seq)
         connection = self.reader.connect()
         try:
-            raw = self.reader.read_batch(connection, before, before.window, 2**62, upper=record.last_loc)
+            raw, report = self._read(connection, before, before.window, 2**62, upper=record.last_loc)
         finally:
             connection.close()
-        rows, _report, first_ts, last_ts = self._convert(raw, TransformCounts())
+        rows, first_ts, last_ts = self._convert(raw, report, TransformCounts())
         if rows is None or rows.num_rows == 0:
             return
         self.target.write(Batch(record.seq, rows, self.app_id, record.watermark, raw.count, before,
@@ -2721,10 +2733,10 @@ class Uploader:
         before = mark
         window = mark.window
         assert window is not None
-        raw = self.reader.read_batch(connection, mark, window, self.settings.batch_size)
+        raw, report = self._read(connection, mark, window, self.settings.batch_size)
         stats.rows_read += raw.count
         finished = raw.count < self.settings.batch_size or raw.last_loc == window.top
-        rows, report, first_ts, last_ts = self._convert(raw, stats.removed)
+        rows, first_ts, last_ts = self._convert(raw, report, stats.removed)
         stats.invalid_timestamps += report.invalid_timestamps
         if self.settings.invalid_timestamps == "skip":
             stats.skipped_invalid += report.invalid_timestamps
@@ -2763,22 +2775,35 @@ class Uploader:
             return None
         return ties
 
-    def _convert(self, raw: RawBatch, removed: TransformCounts
-                 ) -> tuple[Any, ConversionReport, int | None, int | None]:
+    def _read(self, connection: sqlite3.Connection, mark: Watermark, window: Window, limit: int,
+              upper: list | None = None) -> tuple[RawBatch, ConversionReport]:
+        """Read rows and turn each fetched chunk into an Arrow record batch of the target's types."""
         import pyarrow as pa
 
-        report = ConversionReport()
-        if raw.count == 0:
-            return None, report, None, None
         if self.schema is None:
             proposed = pa.schema([(name, self.column_types[name]) for name in self.source.column_names])
             self.schema = self.target.prepare(proposed) if not self.transforms.aggregates else proposed
-        arrays, names = [], []
-        for name in self.source.column_names:
-            arrow_type = self._target_type(name)
-            arrays.append(to_arrow_column(raw.columns[name], arrow_type, self.reader.naive_tz, name, report))
-            names.append(name)
-        rows = pa.Table.from_arrays(arrays, names=names)
+        names = self.source.column_names
+        types = [self._target_type(name) for name in names]
+        schema = pa.schema(list(zip(names, types)))
+        report = ConversionReport()
+        naive_tz = self.reader.naive_tz
+
+        def convert(columns: Sequence[tuple]) -> Any:
+            arrays = [to_arrow_column(values, kind, naive_tz, name, report)
+                      for values, kind, name in zip(columns, types, names)]
+            return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+        return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
+
+    def _convert(self, raw: RawBatch, report: ConversionReport, removed: TransformCounts
+                 ) -> tuple[Any, int | None, int | None]:
+        """The batch as one table: unreadable timestamps counted (and skipped), transforms applied."""
+        import pyarrow as pa
+
+        if raw.count == 0:
+            return None, None, None
+        rows = pa.Table.from_batches(raw.chunks)
         first_ts = last_ts = None
         ts_col = self.source.timestamp_col
         if ts_col:
@@ -2794,7 +2819,7 @@ class Uploader:
         rows = apply_transforms(rows, self.transforms, removed)
         if self.transforms.aggregates and rows.num_rows:
             self.schema = self.target.prepare(rows.schema)
-        return rows, report, first_ts, last_ts
+        return rows, first_ts, last_ts
 
     def _target_type(self, name: str) -> Any:
         if self.schema is not None and not self.transforms.aggregates:
