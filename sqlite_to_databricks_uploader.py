@@ -1,6 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
+#     "databricks-sql-connector[pyarrow]>=4.1.2,<5",
 #     "deltalake>=1.2,<2",
 #     "pyarrow>=18",
 #     "pandas>=2.2",
@@ -15,7 +16,7 @@ Map of this file, in the order data flows:
 2. Source         -- open SQLite read-only, detect table and timestamp column, timestamp parsing
 3. Cursor         -- the (timestamp, rowid) keyset watermark, window planning, batch reading
 4. Transforms     -- sanitize -> filter -> aggregate (pandas), validated at start-up
-5. Targets        -- the Target interface; DeltaTarget (the embedded default)
+5. Targets        -- the Target interface; DeltaTarget (embedded default), DatabricksTarget
 6. State          -- the JSON state file, atomic writes, reconciliation with the target
 7. Run loop / CLI -- cycles, backoff, signals, logging, --run-query, main()
 
