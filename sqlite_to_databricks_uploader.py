@@ -781,9 +781,9 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
     every branch checks the years 0001-9999, so a sentinel such as 2**63-1 or a stray 21.5 is
     *unreadable* (NULL: uploaded, never blocking newer rows) rather than a far-future or
     far-past key. Date-like text goes through julianday() (milliseconds, exact when rounded);
-    the '-' test keeps julianday('now') and numbers-as-text out, and the day-of-month test
-    sends dates SQLite would roll over (Feb 30, 24:00) -- and offsets that cross midnight -- to
-    the registered Python function upl_key(), as it does every form SQLite does not know and
+    the '-' test keeps julianday('now') and numbers-as-text out, and the day test sends dates
+    SQLite would roll over (Feb 30, 24:00) -- checked only past the 28th or at hour 24, where
+    they can occur -- to the registered Python function upl_key(), as it does every form SQLite does not know and
     naive text in a non-UTC zone. The key only has to be deterministic and ordered like the
     instants; the uploaded value keeps microseconds.
     """
@@ -792,7 +792,8 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
     text_branch = (
         f"upl_key({c})" if python_for_text else
         f"coalesce(CASE WHEN substr({c}, 5, 1) = '-' AND substr({c}, 1, 4) <> '0000' "
-        f"AND date(julianday({c})) = substr({c}, 1, 10) "
+        f"AND (substr({c}, 9, 2) <= '28' AND substr({c}, 12, 2) < '24' "
+        f"OR date(julianday({c})) = substr({c}, 1, 10)) "
         f"THEN CAST(round((julianday({c}) - {JULIAN_UNIX_EPOCH}) * 86400000.0) AS INTEGER) END, upl_key({c}))"
     )
     min_s, max_us = MIN_MICROS // 1_000_000, MAX_MICROS
@@ -2801,6 +2802,7 @@ class Uploader:
                  ) -> tuple[Any, int | None, int | None]:
         """The batch as one table: unreadable timestamps counted (and skipped), transforms applied."""
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         if raw.count == 0:
             return None, None, None
@@ -2813,9 +2815,9 @@ class Uploader:
             report.invalid_timestamps = invalid
             report.nulled.pop(ts_col, None)
             if invalid and self.settings.invalid_timestamps == "skip":
-                rows = rows.filter(pa.compute.is_valid(column))
+                rows = rows.filter(pc.is_valid(column))
             if rows.num_rows:
-                bounds = pa.compute.min_max(rows.column(ts_col).cast(pa.int64()))
+                bounds = pc.min_max(rows.column(ts_col).cast(pa.int64()))
                 first_ts, last_ts = bounds["min"].as_py(), bounds["max"].as_py()
         rows = apply_transforms(rows, self.transforms, removed)
         if self.transforms.aggregates and rows.num_rows:
