@@ -3041,7 +3041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         invocation = load_settings(argv)
         settings = invocation.settings
-        configure_logging(settings.log_level, settings.log_format, [settings.databricks_token or ""])
+        configure_logging(settings.log_level, settings.log_format,
+                          [settings.databricks_token or "", settings.databricks_client_secret or ""])
         LOG.debug("Settings: %s", settings)
         if invocation.run_query is not None:
             return run_query_mode(invocation)
