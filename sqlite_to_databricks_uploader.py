@@ -406,8 +406,8 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
             where = f"flag {option.flag}"
             value, source = convert_value(option, args[option.key], where), where
             if option.secret:
-                LOG.warning("The token was given as a flag (%s): other users of this machine can see it "
-                            "in the process list. Prefer the %s environment variable.", option.flag, option.env)
+                LOG.warning("%s was given as a flag (%s): other users of this machine can see it in the "
+                            "process list. Prefer the %s environment variable.", option.key, option.flag, option.env)
         values[option.key] = value
         sources[option.key] = source
     if not values["node_id"]:
@@ -2042,8 +2042,9 @@ class DatabricksTarget:
     def _classify(self, exc: Exception, doing: str) -> UploaderError:
         """Turn connector and transport errors into the uploader's two kinds, with a clear message."""
         text = str(exc) or type(exc).__name__
-        if self.settings.databricks_token:
-            text = text.replace(self.settings.databricks_token, SECRET_MASK)
+        for secret in (self.settings.databricks_token, self.settings.databricks_client_secret):
+            if secret:
+                text = text.replace(secret, SECRET_MASK)
         lowered = text.lower()
         if isinstance(exc, UploaderError):
             return exc
