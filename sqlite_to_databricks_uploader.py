@@ -49,7 +49,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
 
 TOOL_NAME = "sqlite_to_databricks_uploader"
@@ -1323,6 +1323,26 @@ def _where(settings: Settings, key: str) -> str:
     return settings.sources.get(key, key)
 
 
+def _transform_config(settings: Settings, key: str, allowed: tuple[str, ...]) -> tuple[str, dict]:
+    """The setting's source (for messages) and its mapping, refusing options it does not have."""
+    where = _where(settings, key)
+    config = dict(getattr(settings, key))
+    unknown = set(config) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(map(str, unknown)))}; "
+                          f"use {' and '.join(allowed)}.")
+    return where, config
+
+
+def _name_list(config: dict, key: str, where: str, what: str) -> list:
+    names = config.get(key, [])
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list):
+        raise ConfigError(f"{where}: {key} must be a list of {what}.")
+    return names
+
+
 def _columns_check(names: Sequence[str], columns: Sequence[str], where: str, what: str) -> list[str]:
     resolved = []
     for name in names:
@@ -1342,17 +1362,8 @@ def build_transform_plan(settings: Settings, columns: Sequence[str], types: dict
 
     plan: dict[str, Any] = {"timestamp_col": timestamp_col}
     if settings.enable_sanitize:
-        where = _where(settings, "sanitize_config")
-        config = dict(settings.sanitize_config)
-        unknown = set(config) - {"remove_nulls", "replace_values"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown sanitize option(s) {', '.join(sorted(unknown))}; "
-                              "use remove_nulls and replace_values.")
-        nulls = config.get("remove_nulls", [])
-        if isinstance(nulls, str):
-            nulls = [nulls]
-        if not isinstance(nulls, list):
-            raise ConfigError(f"{where}: remove_nulls must be a list of column names.")
+        where, config = _transform_config(settings, "sanitize_config", ("remove_nulls", "replace_values"))
+        nulls = _name_list(config, "remove_nulls", where, "column names")
         plan["remove_nulls"] = tuple(_columns_check(nulls, columns, where, "remove_nulls"))
         replace = config.get("replace_values", {})
         if not isinstance(replace, dict) or not all(isinstance(v, dict) for v in replace.values()):
@@ -1407,17 +1418,8 @@ def _filter_value(value: Any, arrow_type: Any, where: str, column: str, naive_tz
 
 def _aggregate_terms(settings: Settings, columns: Sequence[str], types: dict[str, Any],
                      timestamp_col: str | None, pa: Any) -> dict[str, Any]:
-    where = _where(settings, "aggregate_config")
-    config = dict(settings.aggregate_config)
-    unknown = set(config) - {"group_by", "aggregations"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown aggregate option(s) {', '.join(sorted(unknown))}; "
-                          "use group_by and aggregations.")
-    group_by = config.get("group_by", [])
-    if isinstance(group_by, str):
-        group_by = [group_by]
-    if not isinstance(group_by, list):
-        raise ConfigError(f"{where}: group_by must be a list of columns or time buckets.")
+    where, config = _transform_config(settings, "aggregate_config", ("group_by", "aggregations"))
+    group_by = _name_list(config, "group_by", where, "columns or time buckets")
     buckets = {}
     for name in group_by:
         if isinstance(name, str) and name not in columns and name in TIME_BUCKETS:
@@ -1563,6 +1565,7 @@ class Batch:
     last_loc: list | None  # the last locator the batch read: with `before`, the batch's exact rows
     first_ts: int | None = None
     last_ts: int | None = None
+    replay_method: str | None = None  # a replayed batch: how the target first tried to load it
 
 
 @dataclass(frozen=True)
@@ -1579,6 +1582,7 @@ class CommitRecord:
     complete: bool = True
     before: Watermark | None = None
     last_loc: list | None = None
+    method: str | None = None  # how the target loaded (or began to load) the batch
 
 
 class Target(Protocol):
@@ -2051,6 +2055,11 @@ class DatabricksTarget:
         if "401" in text or "403" in text or "unauthorized" in lowered or "invalid access token" in lowered:
             return UploaderError(f"Databricks refused the credentials while {doing} ({text}). Check the token "
                                  "or service principal and its grants (see README, Security).")
+        if "max retry duration" in lowered or "retry request would exceed" in lowered:
+            return TransientError(
+                f"Databricks at {self.endpoint.host} gave no successful answer within databricks_retry_timeout "
+                f"({self.settings.databricks_retry_timeout:g} s) while {doing}: the SQL warehouse is starting "
+                "(HTTP 503), throttling (429) or unreachable. Retrying with backoff.")
         if "503" in text or "temporarily unavailable" in lowered or "starting" in lowered:
             return TransientError(f"The SQL warehouse is starting or unavailable (HTTP 503) while {doing}; "
                                   "waiting and retrying.")
@@ -2157,7 +2166,7 @@ class DatabricksTarget:
             self.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.qualified(PROGRESS_TABLE)} (app_id STRING, seq BIGINT, "
                 "node_id STRING, watermark STRING, before STRING, last_loc STRING, row_count BIGINT, "
-                "recorded_at TIMESTAMP)", doing="creating the progress table")
+                "recorded_at TIMESTAMP, load_method STRING)", doing="creating the progress table")
         elif self.describe_columns(PROGRESS_TABLE) is None:
             raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
                               "create_table is off. Create it (see README) or allow create_table.")
@@ -2222,7 +2231,18 @@ class DatabricksTarget:
             raise ConfigError(f"Source column(s) {', '.join(f.name for f in fields)} are not in "
                               f"{self.full_name} and create_table is off: add them to the table.")
         columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in fields)
-        self.execute(f"ALTER TABLE {self.full_name} ADD COLUMNS ({columns})", doing="adding columns")
+        try:
+            self.execute(f"ALTER TABLE {self.full_name} ADD COLUMNS ({columns})", doing="adding columns")
+        except UploaderError as exc:
+            # A re-sent ALTER (answer lost, connector retried) or another node was first: the
+            # columns are there now. Anything else: look at the table afresh next time.
+            self.columns = None
+            if "ALREADY_EXISTS" not in str(exc).upper() and "already exists" not in str(exc).lower():
+                raise
+            self.columns = self.describe_columns(self.table_name)
+            if self.columns is None or any(f.name.lower() not in {c.lower() for c in self.columns} for f in fields):
+                raise
+            return
         LOG.info("Added column(s) %s to %s.", columns, self.full_name)
         self.columns.update({f.name: databricks_type(f.type) for f in fields})
 
@@ -2231,30 +2251,46 @@ class DatabricksTarget:
         if self.columns is None and self.describe_columns(PROGRESS_TABLE) is None:
             return None
         rows = self.execute(
-            f"SELECT seq, watermark, before, last_loc FROM {self.qualified(PROGRESS_TABLE)} "
+            f"SELECT seq, watermark, before, last_loc, load_method FROM {self.qualified(PROGRESS_TABLE)} "
             "WHERE app_id = :app ORDER BY seq DESC LIMIT 1", {"app": app_id}, fetch=True,
             doing="reading the progress table")
         if not rows:
             return None
-        seq, watermark, before, last_loc = rows[0]
+        seq, watermark, before, last_loc, method = rows[0]
         return CommitRecord(int(seq), Watermark.from_json(json.loads(watermark)), complete=False,
                             before=Watermark.from_json(json.loads(before)),
-                            last_loc=json_restore(json.loads(last_loc)))
+                            last_loc=json_restore(json.loads(last_loc)), method=method)
 
-    def _record(self, batch: Batch) -> None:
-        """The batch's record, written before its rows: what a restart must replay."""
+    def _record(self, batch: Batch, method: str) -> None:
+        """The batch's record, written before its rows: what a restart must replay, and how."""
         self.execute(
             f"INSERT INTO {self.qualified(PROGRESS_TABLE)} (app_id, seq, node_id, watermark, before, last_loc, "
-            "row_count, recorded_at) VALUES (:app, :seq, :node, :mark, :before, :last, :rows, current_timestamp())",
+            "row_count, recorded_at, load_method) VALUES (:app, :seq, :node, :mark, :before, :last, :rows, "
+            "current_timestamp(), :method)",
             {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
              "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
-             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows},
+             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method},
             doing=f"recording batch {batch.seq}")
 
     # -- loading -------------------------------------------------------------------------
     def write(self, batch: Batch) -> None:
         rows = self._with_lineage(batch)
-        if self.method == "copy":
+        method = self.method
+        if batch.replay_method == "insert":
+            # Some of its INSERT parts may have landed: only the same parts, with the same
+            # guards, can finish it without duplicates.
+            method = "insert"
+        elif batch.replay_method == "copy" and method == "insert":
+            # Begun as a COPY INTO (all or nothing), finished by INSERT: skip it if it landed.
+            landed = self.execute(
+                f"SELECT count(*) FROM {self.full_name} WHERE `_batch_id` = :batch",
+                {"batch": f"{batch.app_id}:{batch.seq}"}, fetch=True, doing=f"checking batch {batch.seq}")
+            if landed and landed[0][0]:
+                return
+        if method == "insert" and "_batch_id" not in self.lineage:
+            raise ConfigError(f"Batch {batch.seq} was begun with INSERT statements; finishing it needs the "
+                              "_batch_id lineage column (lineage_columns: batch_id).")
+        if method == "copy":
             self._write_copy(batch, rows)
         else:
             self._write_insert(batch, rows)
@@ -2285,7 +2321,7 @@ class DatabricksTarget:
         file_name = f"batch-{batch.seq:012d}.parquet"
         self.execute(f"PUT '__input_stream__' INTO '{directory}/{file_name}' OVERWRITE", input_stream=buffer,
                      doing=f"staging batch {batch.seq}")
-        self._record(batch)
+        self._record(batch, "copy")
         result = self.execute(
             f"COPY INTO {self.full_name} FROM '{directory}' FILEFORMAT = PARQUET FILES = ('{file_name}') "
             "COPY_OPTIONS ('mergeSchema' = 'true')", fetch=True, doing=f"loading batch {batch.seq}")
@@ -2293,7 +2329,7 @@ class DatabricksTarget:
         self.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
 
     def _write_insert(self, batch: Batch, rows: Any) -> None:
-        self._record(batch)
+        self._record(batch, "insert")
         names = [f.name for f in rows.schema]
         guard = "_batch_id"
         column_list = ", ".join(quote_db_ident(n) for n in names)
@@ -2555,6 +2591,7 @@ class CycleStats:
     last_ts: int | None = None
     behind: int = 0
     seconds: float = 0.0
+    resumed: bool = False  # the cycle finished a window an earlier run had started
 
 
 class Uploader:
@@ -2649,7 +2686,7 @@ class Uploader:
         if rows is None or rows.num_rows == 0:
             return
         self.target.write(Batch(record.seq, rows, self.app_id, record.watermark, raw.count, before,
-                                record.last_loc, first_ts, last_ts))
+                                record.last_loc, first_ts, last_ts, replay_method=record.method))
 
     # -- one cycle -----------------------------------------------------------------------
     def run_cycle(self) -> CycleStats:
@@ -2658,6 +2695,7 @@ class Uploader:
         self.resync()
         assert self.state is not None
         mark = self.state.watermark
+        stats.resumed = mark.window is not None
         try:
             connection = self.reader.connect()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
@@ -2889,7 +2927,9 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
             assert uploader.state is not None
             log_cycle(stats, uploader.state.watermark)
             if settings.once:
-                if uploader.state.watermark.window is None or stop.is_set():
+                # Done when a window planned by this run is finished; a window resumed from an
+                # interrupted run leaves newer rows behind it, so plan another.
+                if (uploader.state.watermark.window is None and not stats.resumed) or stop.is_set():
                     break
                 continue
             if uploader.state.watermark.window is None:
@@ -3009,6 +3049,29 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class RetryStatusHandler(logging.Handler):
+    """Turns the connector's 'Received status code 503' notes into one clear line per minute."""
+
+    MESSAGES: ClassVar[dict[str, str]] = {
+        "503": "Databricks answered HTTP 503: the SQL warehouse is starting or unavailable. The connector "
+               "waits and retries (up to databricks_retry_timeout); nothing is lost meanwhile.",
+        "429": "Databricks answered HTTP 429 (too many requests): the connector waits as asked and retries.",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = re.search(r"Received status code (\d{3})", record.getMessage())
+        if not match or match.group(1) not in self.MESSAGES:
+            return
+        code, now = match.group(1), time.monotonic()
+        if now - self.last.get(code, -1e9) >= 60:
+            self.last[code] = now
+            LOG.warning(self.MESSAGES[code])
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Sequence[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
@@ -3024,6 +3087,11 @@ def configure_logging(level: str = "INFO", fmt: str = "text", secrets: Sequence[
         library.handlers[:] = [handler]
         library.setLevel(logging.WARNING if level == "DEBUG" else logging.CRITICAL)
         library.propagate = False
+    # ...except the one thing worth saying while the connector waits: why it waits.
+    retries = logging.getLogger("databricks.sql.auth.retry")
+    retries.handlers[:] = [RetryStatusHandler()]
+    retries.setLevel(logging.INFO)
+    retries.propagate = False
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
