@@ -721,14 +721,10 @@ def text_to_micros(text: str, naive_tz: Any) -> int | None:
         except ValueError:
             return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=naive_tz) if naive_tz is timezone.utc else _localize(moment, naive_tz)
+        # zoneinfo settles ambiguous or skipped wall-clock times with fold=0, the usual convention.
+        moment = moment.replace(tzinfo=naive_tz)
     delta = moment - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _localize(moment: datetime, tz: Any) -> datetime:
-    # zoneinfo resolves ambiguous/missing wall-clock times with fold=0, the usual convention.
-    return moment.replace(tzinfo=tz)
 
 
 def timestamp_to_micros(value: Any, naive_tz: Any = timezone.utc) -> int | None:
@@ -2071,33 +2067,35 @@ class DatabricksTarget:
 
     def execute(self, statement: str, parameters: Any = None, fetch: bool = False,
                 input_stream: Any = None, doing: str = "running a statement") -> list:
-        """One statement on the shared connection; transport failures drop it for a reconnect."""
-        connection = self.connect()
-        try:
-            with connection.cursor() as cursor:
-                if input_stream is not None:
-                    cursor.execute(statement, input_stream=input_stream)
-                else:
-                    cursor.execute(statement, parameters)
-                return cursor.fetchall() if fetch else []
-        except Exception as exc:
-            error = self._classify(exc, doing)
-            if isinstance(error, TransientError):
-                self._drop_connection()
-            raise error from None
+        """One statement on the shared connection; returns its rows when `fetch`."""
+
+        def run(cursor: Any) -> list:
+            if input_stream is not None:
+                cursor.execute(statement, input_stream=input_stream)
+            else:
+                cursor.execute(statement, parameters)
+            return cursor.fetchall() if fetch else []
+
+        return self._with_cursor(run, doing)
 
     def execute_arrow(self, statement: str) -> Any:
+        """A query's whole result as an Arrow table (a statement without one gives 'OK')."""
+        import pyarrow as pa
+
+        def run(cursor: Any) -> Any:
+            cursor.execute(statement)
+            return pa.table({"result": ["OK"]}) if cursor.description is None else cursor.fetchall_arrow()
+
+        return self._with_cursor(run, "running the query")
+
+    def _with_cursor(self, work: Callable[[Any], Any], doing: str) -> Any:
+        """Run `work` on a cursor of the shared connection; transport failures drop it for a reconnect."""
         connection = self.connect()
         try:
             with connection.cursor() as cursor:
-                cursor.execute(statement)
-                if cursor.description is None:
-                    import pyarrow as pa
-
-                    return pa.table({"result": ["OK"]})
-                return cursor.fetchall_arrow()
+                return work(cursor)
         except Exception as exc:
-            error = self._classify(exc, "running the query")
+            error = self._classify(exc, doing)
             if isinstance(error, TransientError):
                 self._drop_connection()
             raise error from None
@@ -2624,11 +2622,9 @@ class Uploader:
         self.state_file.check_writable()
         connection = self.reader.connect()
         try:
-            self.column_types = plan_column_types(self.source, connection)
+            self._plan_columns(connection)
         finally:
             connection.close()
-        self.transforms = build_transform_plan(self.settings, self.source.column_names, self.column_types,
-                                               self.source.timestamp_col)
         raw = self.state_file.load()
         self.stored = parse_state(raw, self.state_file.path) if raw is not None else None
         check_binding(self.stored, self.fresh_state(), self.state_file.path)
@@ -2653,10 +2649,14 @@ class Uploader:
                  f" (new: {', '.join(added)})" if added else "")
         self.source = dataclasses.replace(self.source, columns=columns)
         self.reader = SourceReader(self.settings, self.source)
+        self._plan_columns(connection)
+        self.schema = None
+
+    def _plan_columns(self, connection: sqlite3.Connection) -> None:
+        """Arrow types of the source columns, and the transforms checked against them."""
         self.column_types = plan_column_types(self.source, connection)
         self.transforms = build_transform_plan(self.settings, self.source.column_names, self.column_types,
                                                self.source.timestamp_col)
-        self.schema = None
 
     def resync(self) -> None:
         """Agree with the target on where we are; run at start and after every failure."""
