@@ -251,6 +251,7 @@ class Invocation:
     run_query: str | None = None
     output: str = "table"
     config_path: str | None = None
+    healthcheck: bool = False
 
 
 TRUE_WORDS = {"true", "1", "yes", "on", "y"}
@@ -374,6 +375,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="Run SQL against the target and print the result, or INFO for a summary.")
     parser.add_argument("--output", choices=("table", "json", "csv"), help="Output of --run-query (table).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {TOOL_VERSION}")
+    parser.add_argument("--healthcheck", action="store_true",
+                        help="Exit 0 if the upload loop using this state_dir is alive (its heartbeat is fresh), "
+                        "else 1. For container health checks.")
     for option in OPTIONS:
         env_note = f" [env {option.env}; default {option.default!r}]"
         flags = (option.flag, *option.flags)
@@ -415,7 +419,8 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
     settings = Settings(**values, sources=sources)
     validate_settings(settings)
     return Invocation(settings=settings, run_query=args.get("run_query"),
-                      output=args.get("output", "table"), config_path=config_path)
+                      output=args.get("output", "table"), config_path=config_path,
+                      healthcheck=args.get("healthcheck", False))
 
 
 def validate_settings(settings: Settings) -> None:
@@ -2571,6 +2576,65 @@ def reconcile(stored: State | None, record: CommitRecord | None, fresh: State, s
     return stored
 
 
+HEARTBEAT_FILE_NAME = "heartbeat.json"
+HEARTBEAT_EVERY = 30.0  # seconds between beats while the loop sleeps or backs off
+
+
+class Heartbeat:
+    """Proof that the upload loop is alive, for container health checks (--healthcheck).
+
+    Beaten by the loop itself (never by a helper thread), so a loop stuck anywhere stops beating.
+    It says nothing about whether uploads succeed: a warehouse that is down is not cured by
+    restarting the container, so failures are reported in it but do not make it stale.
+    """
+
+    def __init__(self, state_dir: str, stale_after: float):
+        self.path = Path(state_dir) / HEARTBEAT_FILE_NAME
+        self.stale_after = stale_after
+        self.last_success: str | None = None
+        self.failures = 0
+
+    def beat(self, phase: str) -> None:
+        payload = {"time": time.time(), "phase": phase, "pid": os.getpid(), "stale_after": self.stale_after,
+                   "last_success": self.last_success, "consecutive_failures": self.failures}
+        try:
+            temp = self.path.with_name(f".{HEARTBEAT_FILE_NAME}.{os.getpid()}.tmp")
+            temp.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+            os.replace(temp, self.path)
+        except OSError as exc:  # the health check will say so; uploading goes on
+            LOG.debug("Heartbeat not written: %s", exc)
+
+    def succeeded(self) -> None:
+        self.last_success = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.failures = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+
+
+def heartbeat_stale_after(settings: Settings) -> float:
+    """Longest a healthy loop goes without beating: one batch, whose statements may each wait
+    out the connector's retry budget, plus slack for a slow disk."""
+    return max(300.0, 5 * settings.databricks_retry_timeout)
+
+
+def check_health(state_dir: str, now: float | None = None) -> tuple[bool, str]:
+    path = Path(state_dir) / HEARTBEAT_FILE_NAME
+    try:
+        beat = json.loads(path.read_text(encoding="utf-8"))
+        age = (time.time() if now is None else now) - float(beat["time"])
+        stale_after = float(beat.get("stale_after", 300.0))
+    except FileNotFoundError:
+        return False, f"unhealthy: no heartbeat at {path} (the upload loop has not started, or state_dir differs)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return False, f"unhealthy: heartbeat {path} unreadable ({exc})"
+    detail = (f"last beat {age:.0f} s ago ({beat.get('phase')}), last successful cycle "
+              f"{beat.get('last_success') or 'none yet'}, {beat.get('consecutive_failures', 0)} failure(s) since")
+    if age > stale_after:
+        return False, f"unhealthy: {detail}; stale after {stale_after:.0f} s"
+    return True, f"healthy: {detail}"
+
+
 # =====================================================================================
 # 7. Run loop and command line
 # =====================================================================================
@@ -2609,6 +2673,7 @@ class Uploader:
         self.transforms = TransformPlan()
         self.state: State | None = None
         self.stored: State | None = None
+        self.heartbeat: Heartbeat | None = None
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -2757,6 +2822,8 @@ class Uploader:
         self.state = dataclasses.replace(self.state, batch_seq=seq, watermark=mark,
                                          rows_uploaded=self.state.rows_uploaded + uploaded)
         self.state_file.save(self.state)
+        if self.heartbeat is not None:
+            self.heartbeat.beat("uploading")
         if batch is not None:
             stats.batches += 1
             stats.rows_uploaded += uploaded
@@ -2907,23 +2974,28 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
     LOG.info("Uploading %s table %r (%s cursor%s) to %s.", settings.sqlite, source.name, settings.cursor,
              f" on {source.timestamp_col!r}" if settings.cursor == "timestamp" else "", target.describe())
     uploader = Uploader(settings, source, target, stop)
+    heartbeat = uploader.heartbeat = Heartbeat(settings.state_dir, heartbeat_stale_after(settings))
+    heartbeat.beat("starting")
     uploader.prepare()
     failures = 0
     try:
         while not stop.is_set():
+            heartbeat.beat("cycle")
             try:
                 stats = uploader.run_cycle()
             except ConfigError:
                 raise
             except (UploaderError, sqlite3.Error, OSError) as exc:
                 failures += 1
+                heartbeat.failed()
                 if settings.once:
                     raise UploaderError(f"Upload failed: {exc}") from exc
                 delay = backoff_delay(failures, settings.interval)
                 LOG.error("Cycle failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
-                stop.wait(delay)
+                pause(stop, delay, heartbeat, "backing off")
                 continue
             failures = 0
+            heartbeat.succeeded()
             assert uploader.state is not None
             log_cycle(stats, uploader.state.watermark)
             if settings.once:
@@ -2933,10 +3005,20 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
                     break
                 continue
             if uploader.state.watermark.window is None:
-                stop.wait(settings.interval)
+                pause(stop, settings.interval, heartbeat, "sleeping")
     finally:
         target.close()
     return EXIT_OK
+
+
+def pause(stop: threading.Event, seconds: float, heartbeat: Heartbeat, phase: str) -> None:
+    """Wait (ending early on a stop signal), beating the heartbeat as the wait goes on."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        heartbeat.beat(phase)
+        left = deadline - time.monotonic()
+        if left <= 0 or stop.wait(min(left, HEARTBEAT_EVERY)):
+            return
 
 
 # --- Query mode
@@ -3113,6 +3195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format,
                           [settings.databricks_token or "", settings.databricks_client_secret or ""])
         LOG.debug("Settings: %s", settings)
+        if invocation.healthcheck:
+            healthy, message = check_health(settings.state_dir)
+            print(message)
+            return EXIT_OK if healthy else EXIT_FAILURE
         if invocation.run_query is not None:
             return run_query_mode(invocation)
         stop = threading.Event()
