@@ -390,12 +390,27 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warn_if_secrets_exposed(path: str, yaml_values: dict[str, Any]) -> None:
+    """A token in a file that other users can read is a token they have."""
+    secrets = [o.key for o in OPTIONS if o.secret and yaml_values.get(o.key)]
+    if not secrets:
+        return
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            LOG.warning("Config file %s holds %s and can be read by other users (mode %s). Restrict it "
+                        "(chmod 600 %s) or pass the secret in the environment instead.", path,
+                        " and ".join(secrets), oct(mode & 0o777), path)
+
+
 def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = None) -> Invocation:
     """Merge defaults < YAML < environment < flags, converting and checking each value."""
     environ = dict(os.environ if environ is None else environ)
     args = vars(build_arg_parser().parse_args(argv))
     config_path = args.pop("config", None)
     yaml_values = read_yaml_config(config_path) if config_path else {}
+    if config_path:
+        warn_if_secrets_exposed(config_path, yaml_values)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for option in OPTIONS:
@@ -425,6 +440,8 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
 
 def validate_settings(settings: Settings) -> None:
     """Cross-field checks that need no database."""
+    if settings.staging_volume.strip().lower() not in ("auto", "none"):
+        parse_volume(settings.staging_volume)
     try:
         timezone_from_name(settings.source_timezone)
     except ConfigError as exc:
@@ -1869,6 +1886,11 @@ class DatabricksEndpoint:
         return f"http://{self.host}{port}{self.http_path}"
 
 
+# Domains of Databricks workspaces: never reached without TLS.
+DATABRICKS_DOMAINS = (".databricks.com", ".azuredatabricks.net", ".databricks.us", ".databricks.mil",
+                      ".databricks.cn", ".gcp.databricks.com")
+
+
 def parse_databricks_host(host: str, http_path: str) -> DatabricksEndpoint:
     """Accept a bare host, an https:// URL or http://host:port (a local emulator)."""
     from urllib.parse import urlsplit
@@ -1885,6 +1907,9 @@ def parse_databricks_host(host: str, http_path: str) -> DatabricksEndpoint:
                           "copy it from the warehouse's Connection details, e.g. /sql/1.0/warehouses/abc123.")
     if not path.startswith("/"):
         path = "/" + path
+    if parts.scheme == "http" and parts.hostname.lower().endswith(DATABRICKS_DOMAINS):
+        raise ConfigError(f"databricks_host {host!r} asks for plain http://, which would send the token "
+                          "unencrypted; Databricks workspaces only speak HTTPS. Drop the http:// prefix.")
     return DatabricksEndpoint(parts.hostname, path, parts.port, parts.scheme == "http")
 
 
@@ -1893,7 +1918,30 @@ def parse_volume(path: str) -> tuple[str, str, str, str]:
     parts = [p for p in path.strip().split("/") if p]
     if len(parts) < 4 or parts[0] != "Volumes":
         raise ConfigError(f"staging_volume {path!r} must look like /Volumes/<catalog>/<schema>/<volume>[/dir].")
+    if not volume_path_is_safe(parts) or any(p in (".", "..") for p in parts):
+        raise ConfigError(f"staging_volume {path!r} contains a quote, backslash, control character or '..'; "
+                          "such paths cannot be staged safely. Choose another volume, or staging_volume: none.")
     return parts[1], parts[2], parts[3], "/".join(parts[4:])
+
+
+def volume_path_is_safe(parts: Sequence[str]) -> bool:
+    """Volume paths go into PUT/COPY INTO/REMOVE as string literals: refuse anything that could end one."""
+    return not any(re.search(r"['\\\x00-\x1f\x7f]", part) for part in parts)
+
+
+def certificate_problem(host: str, port: int, timeout: float = 10.0) -> str | None:
+    """Why the host's certificate fails verification, or None (it verifies, or cannot be reached)."""
+    import ssl
+
+    context = ssl.create_default_context()  # the same trust store the connector uses, SSL_CERT_FILE included
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        return exc.verify_message or str(exc)
+    except (OSError, ValueError):
+        return None
 
 
 class ServicePrincipalAuth:
@@ -2035,7 +2083,17 @@ class DatabricksTarget:
         try:
             self.connection = sql.connect(**kwargs)
         except Exception as exc:
-            raise self._classify(exc, "connecting") from None
+            error = self._classify(exc, "connecting")
+            if isinstance(error, TransientError) and not self.endpoint.plain_http:
+                # The connector retries TLS failures like network ones and then reports only
+                # that it ran out of time; ask the endpoint directly whether its certificate is the cause.
+                problem = certificate_problem(self.endpoint.host, self.endpoint.port or 443)
+                if problem:
+                    error = UploaderError(
+                        f"The TLS certificate of {self.endpoint.host} could not be verified ({problem}). "
+                        "Verification is never turned off. If a proxy re-signs TLS traffic or the workspace "
+                        "uses a private CA, point SSL_CERT_FILE at a PEM bundle that includes that CA.")
+            raise error from None
         return self.connection
 
     def _drop_connection(self) -> None:
@@ -2187,6 +2245,10 @@ class DatabricksTarget:
         if setting.lower() == "auto":
             catalog = self.catalog or self._current_catalog()
             self.volume = (catalog, self.schema_name, "sqlite_uploader_staging", "")
+            if not volume_path_is_safe(self.volume):
+                LOG.warning("The schema or catalog name holds a quote, backslash or control character, which "
+                            "a staging path cannot carry safely; loading with INSERT statements instead.")
+                return "insert"
         else:
             self.volume = parse_volume(setting)
         catalog, schema, volume, _ = self.volume

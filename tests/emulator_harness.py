@@ -33,9 +33,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from output_audit import CANARY_SECRET, CANARY_TOKEN
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_SCRIPT = REPO_ROOT / "tools" / "databricks_emulator.py"
-DEFAULT_TOKEN = "dapi-emulator-test-token"
+# The run's canary secrets (tests/output_audit.py): whatever the tools print is checked for them.
+DEFAULT_TOKEN = CANARY_TOKEN
 # The first `uv run` may have to install pyspark; later start-ups take ~10 s.
 DEFAULT_STARTUP_TIMEOUT_S = float(os.environ.get("EMULATOR_STARTUP_TIMEOUT", "240"))
 
@@ -67,7 +71,7 @@ class Emulator:
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="dbx-emulator-"))
         self.token = token
         # A service principal the emulator's /oidc/v1/token accepts (OAuth M2M tests).
-        self.client_id, self.client_secret = "emulator-sp", "emulator-sp-secret"
+        self.client_id, self.client_secret = "emulator-sp", CANARY_SECRET
         self.port = port or free_port()
         self.warehouse_id = warehouse_id
         self.startup_timeout = startup_timeout

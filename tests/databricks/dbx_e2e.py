@@ -22,7 +22,8 @@ SCRIPT = ROOT / "sqlite_to_databricks_uploader.py"
 sys.path.insert(0, str(ROOT / "examples"))
 
 # The emulator's token: a value that must never show up in anything the uploader prints.
-CANARY_TOKEN = "dapi-canary-5e7c1b9a40d2f6831c0e"
+from output_audit import CANARY_TOKEN  # noqa: E402
+
 RUN_TIMEOUT = 420  # generous: other suites load this 2-core machine at the same time
 
 # Settings an uploader run must not inherit from the developer's shell.
