@@ -97,6 +97,7 @@ class Option:
     choices: tuple[str, ...] = ()
     secret: bool = False
     minimum: float | None = None
+    maximum: float | None = None
     flags: tuple[str, ...] = ()  # extra flag spellings; the first flag is always --key-with-dashes
 
     @property
@@ -122,7 +123,8 @@ OPTIONS: tuple[Option, ...] = (
            "them. Either way they are counted in the logs and never block newer rows.",
            choices=("upload", "skip")),
     Option("batch_size", "BATCH_SIZE", "int", 100_000,
-           "Rows per batch: one read of SQLite, one commit to the target. Bounds memory.", minimum=1),
+           "Rows per batch: one read of SQLite, one commit to the target. Bounds memory.", minimum=1,
+           maximum=2**63 - 1),
     Option("sqlite_busy_timeout", "SQLITE_BUSY_TIMEOUT", "float", 30.0,
            "Seconds to wait for a writer's lock before a read gives up.", minimum=0),
     # --- Target selection and the local Delta target
@@ -164,7 +166,7 @@ OPTIONS: tuple[Option, ...] = (
            choices=("node_id", "batch_id", "uploaded_at")),
     Option("databricks_retry_timeout", "DATABRICKS_RETRY_TIMEOUT", "float", 120.0,
            "Seconds the connector keeps retrying one request (network down, HTTP 503/429) before the "
-           "cycle fails and is retried with backoff.", minimum=1),
+           "cycle fails and is retried with backoff.", minimum=1, maximum=86_400),
     # --- Processing
     Option("enable_sanitize", "ENABLE_SANITIZE", "bool", False, "Apply sanitize_config to each batch."),
     Option("sanitize_config", "SANITIZE_CONFIG", "json", {},
@@ -178,7 +180,8 @@ OPTIONS: tuple[Option, ...] = (
            "aggregations ({column: avg|min|max|sum|count|first|last})."),
     # --- Operation
     Option("state_dir", "STATE_DIR", "str", "/state", "Directory of the state file (upload_state.json)."),
-    Option("interval", "UPLOAD_INTERVAL", "float", 300.0, "Seconds between upload cycles.", minimum=0),
+    Option("interval", "UPLOAD_INTERVAL", "float", 300.0, "Seconds between upload cycles.", minimum=0,
+           maximum=31 * 86_400),
     Option("once", "ONCE", "bool", False, "Drain the backlog once, then exit (for batch jobs)."),
     Option("log_level", "LOG_LEVEL", "choice", "INFO", "DEBUG, INFO, WARNING or ERROR.",
            choices=("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -297,6 +300,8 @@ def convert_value(option: Option, raw: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a finite number, got {raw!r}.")
         if option.minimum is not None and number < option.minimum:
             raise ConfigError(f"{where}: must be at least {option.minimum:g}, got {raw!r}.")
+        if option.maximum is not None and number > option.maximum:
+            raise ConfigError(f"{where}: must be at most {option.maximum:,.0f}, got {raw!r}.")
         return number
     if kind == "list":
         return convert_list(option, raw, where)
@@ -341,6 +346,8 @@ def read_yaml_config(path: str) -> dict[str, Any]:
             data = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist. Check --config.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     except OSError as exc:
         raise ConfigError(f"Config file {path} cannot be read: {exc.strerror}.") from None
     except yaml.YAMLError as exc:
@@ -415,7 +422,7 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
     sources: dict[str, str] = {}
     for option in OPTIONS:
         value, source = option.default, "default"
-        if option.key in yaml_values:
+        if yaml_values.get(option.key) is not None:  # `key:` left empty means "not set"
             where = f"config file {config_path}, key '{option.key}'"
             value, source = convert_value(option, yaml_values[option.key], where), where
         if option.env in environ:
@@ -458,6 +465,8 @@ def timezone_from_name(name: str) -> timezone | Any:
     offset = re.fullmatch(r"([+-])(\d{2}):?(\d{2})", name.strip())
     if offset:
         sign = 1 if offset.group(1) == "+" else -1
+        if int(offset.group(2)) > 23 or int(offset.group(3)) > 59:
+            raise ConfigError(f"offset {name!r} is out of range; offsets run from -23:59 to +23:59.")
         return timezone(sign * timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3))))
     try:
         from zoneinfo import ZoneInfo
@@ -1338,7 +1347,9 @@ class TransformPlan:
 
 
 def _where(settings: Settings, key: str) -> str:
-    return settings.sources.get(key, key)
+    """Where a setting came from, naming the setting itself too (a flag or variable spells it differently)."""
+    source = settings.sources.get(key, key)
+    return source if key in source else f"{source} ({key})"
 
 
 def _transform_config(settings: Settings, key: str, allowed: tuple[str, ...]) -> tuple[str, dict]:
@@ -1387,7 +1398,8 @@ def build_transform_plan(settings: Settings, columns: Sequence[str], types: dict
         if not isinstance(replace, dict) or not all(isinstance(v, dict) for v in replace.values()):
             raise ConfigError(f"{where}: replace_values must map each column to {{old value: new value}}.")
         _columns_check(list(replace), columns, where, "replace_values")
-        plan["replace_values"] = replace
+        plan["replace_values"] = {column: _replacements(mapping, types.get(column), where, column)
+                                  for column, mapping in replace.items()}
     if settings.enable_filter:
         plan["filters"] = tuple(_filter_terms(settings, columns, types))
     if settings.enable_aggregate:
@@ -1415,8 +1427,51 @@ def _filter_terms(settings: Settings, columns: Sequence[str], types: dict[str, A
             elif operator in (">", ">=", "<", "<=") and (value is None or isinstance(value, bool)):
                 raise ConfigError(f"{where}: operator {operator!r} on {column!r} needs a number, text "
                                   f"or date, got {value!r}.")
+            for item in value if isinstance(value, list) else [value]:
+                problem = _value_misfit(item, types.get(column))
+                if problem:
+                    raise ConfigError(f"{where}: the filter on {column!r} compares it with {item!r}, but {problem}.")
             yield column, operator, _filter_value(value, types.get(column), where, column,
                                                   timezone_from_name(settings.source_timezone))
+
+
+def _value_misfit(value: Any, arrow_type: Any) -> str | None:
+    """Why a configured value cannot be compared with (or stored in) a column of this type."""
+    import pyarrow as pa
+
+    if value is None or arrow_type is None or pa.types.is_timestamp(arrow_type):
+        return None  # timestamps are checked by _filter_value, which parses them
+    if isinstance(value, (list, dict)):
+        return f"a single value is needed, not a {type(value).__name__}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)) and not number:
+        return f"the column holds numbers ({arrow_type})"
+    if pa.types.is_string(arrow_type) and not isinstance(value, str):
+        return "the column holds text: quote the value"
+    if pa.types.is_binary(arrow_type):
+        return "the column holds binary data, which a configured value cannot match"
+    return None
+
+
+def _replacements(mapping: dict, arrow_type: Any, where: str, column: str) -> dict:
+    """replace_values for one column, with keys in the column's type (JSON keys are always text)."""
+    import pyarrow as pa
+
+    numeric = arrow_type is not None and (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type))
+    converted = {}
+    for old, new in mapping.items():
+        if numeric and isinstance(old, str):
+            try:
+                old = float(old)
+            except ValueError:
+                raise ConfigError(f"{where}: replace_values for {column!r} replaces {old!r}, but the column "
+                                  f"holds numbers ({arrow_type}).") from None
+        problem = _value_misfit(new, arrow_type) or _value_misfit(old, arrow_type)
+        if problem:
+            raise ConfigError(f"{where}: replace_values for {column!r}: {old!r} -> {new!r} cannot be "
+                              f"applied: {problem}.")
+        converted[old] = new
+    return converted
 
 
 def _filter_value(value: Any, arrow_type: Any, where: str, column: str, naive_tz: Any) -> Any:
@@ -1438,6 +1493,9 @@ def _aggregate_terms(settings: Settings, columns: Sequence[str], types: dict[str
                      timestamp_col: str | None, pa: Any) -> dict[str, Any]:
     where, config = _transform_config(settings, "aggregate_config", ("group_by", "aggregations"))
     group_by = _name_list(config, "group_by", where, "columns or time buckets")
+    repeated = sorted({str(n) for n in group_by if group_by.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: group_by lists {', '.join(repeated)} more than once.")
     buckets = {}
     for name in group_by:
         if isinstance(name, str) and name not in columns and name in TIME_BUCKETS:
@@ -1453,6 +1511,9 @@ def _aggregate_terms(settings: Settings, columns: Sequence[str], types: dict[str
     outputs: dict[str, tuple[str | None, str]] = {}
     for column, functions in aggregations.items():
         names = functions if isinstance(functions, list) else [functions]
+        if not names:
+            raise ConfigError(f"{where}: aggregations gives no function for {column!r}; "
+                              f"use one of {', '.join(AGGREGATIONS)}.")
         for function in names:
             if not isinstance(function, str) or function.lower() not in AGGREGATIONS:
                 raise ConfigError(f"{where}: unknown aggregation {function!r} for {column!r}; "
@@ -1898,7 +1959,11 @@ def parse_databricks_host(host: str, http_path: str) -> DatabricksEndpoint:
     text = host.strip()
     if "://" not in text:
         text = "https://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises for a port out of range
+    except ValueError as exc:
+        raise ConfigError(f"databricks_host {host!r} is not a valid host name or URL ({exc}).") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"databricks_host {host!r} is not a host name or an http(s) URL.")
     path = http_path.strip() if http_path else ""
