@@ -1267,14 +1267,21 @@ def timestamps_to_micros(values: list, naive_tz: Any) -> list[int | None]:
     return out
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _to_int(value: Any) -> int:
     if isinstance(value, float):
         if not value.is_integer():
             raise ValueError("fraction")
-        return int(value)
-    if isinstance(value, bytes):
+        number = int(value)
+    elif isinstance(value, bytes):
         raise ValueError("bytes")
-    return int(str(value).strip())
+    else:
+        number = int(str(value).strip())
+    if not INT64_MIN <= number <= INT64_MAX:  # SQLite keeps such "integers" as REAL
+        raise OverflowError("beyond 64 bits")
+    return number
 
 
 def _to_float(value: Any) -> float:
@@ -1298,7 +1305,7 @@ def _to_bool(value: Any) -> bool:
 
 def _to_str(value: Any) -> str:
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return value.decode("utf-8")  # binary that is not text: NULL, and counted
     if isinstance(value, float) and value.is_integer():
         return repr(value)
     return str(value)
@@ -2612,7 +2619,17 @@ class StateFile:
 
     def save(self, state: State) -> None:
         """Write to a temporary file, fsync it, rename over the old one, fsync the directory."""
-        payload = json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n"
+        data = state.to_json()
+        data["checksum"] = state_checksum(data)
+        payload = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        try:
+            self._write(payload)
+        except OSError as exc:
+            raise TransientError(f"Cannot write the state file {self.path}: {exc.strerror or exc}. The target "
+                                 "keeps its own record, so nothing is lost or uploaded twice; free space or "
+                                 "fix the permissions of state_dir.") from None
+
+    def _write(self, payload: str) -> None:
         fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".upload_state.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -2632,6 +2649,17 @@ class StateFile:
                 os.close(dir_fd)
 
 
+def state_checksum(data: dict) -> str:
+    """A digest of the state's content: a hand edit or a damaged write no longer matches it."""
+    content = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def state_checksum_matches(data: dict) -> bool:
+    """Files written before checksums existed have none and are read as they are."""
+    return "checksum" not in data or data["checksum"] == state_checksum(data)
+
+
 def parse_state(data: dict, path: Path) -> State:
     try:
         return State(
@@ -2642,7 +2670,7 @@ def parse_state(data: dict, path: Path) -> State:
             watermark=Watermark.from_json(data["cursor"]),
             rows_uploaded=int(data.get("rows_uploaded", 0)),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ConfigError(f"State file {path} is not an uploader state file or is damaged ({exc}). It was "
                           "not changed. Move it away to resume from the target's record.") from None
 
@@ -2724,12 +2752,14 @@ class Heartbeat:
     def beat(self, phase: str) -> None:
         payload = {"time": time.time(), "phase": phase, "pid": os.getpid(), "stale_after": self.stale_after,
                    "last_success": self.last_success, "consecutive_failures": self.failures}
+        temp = self.path.with_name(f".{HEARTBEAT_FILE_NAME}.{os.getpid()}.tmp")
         try:
-            temp = self.path.with_name(f".{HEARTBEAT_FILE_NAME}.{os.getpid()}.tmp")
             temp.write_text(json.dumps(payload) + "\n", encoding="utf-8")
             os.replace(temp, self.path)
         except OSError as exc:  # the health check will say so; uploading goes on
             LOG.debug("Heartbeat not written: %s", exc)
+            with contextlib.suppress(OSError):
+                temp.unlink()
 
     def succeeded(self) -> None:
         self.last_success = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -2801,6 +2831,7 @@ class Uploader:
         self.state: State | None = None
         self.stored: State | None = None
         self.heartbeat: Heartbeat | None = None
+        self.state_unsaved = False  # the state file lags what the target holds (disk full, read-only)
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -2818,6 +2849,10 @@ class Uploader:
         finally:
             connection.close()
         raw = self.state_file.load()
+        if raw is not None and not state_checksum_matches(raw):
+            raise ConfigError(f"State file {self.state_file.path} was changed by hand or damaged (its checksum "
+                              "does not match its content). It was not changed. Move it away to resume from "
+                              "the target's own record, without duplicates.")
         self.stored = parse_state(raw, self.state_file.path) if raw is not None else None
         check_binding(self.stored, self.fresh_state(), self.state_file.path)
 
@@ -2857,9 +2892,23 @@ class Uploader:
         state = reconcile(stored, record, self.fresh_state(), self.state_file.path, self.target.describe())
         if record is not None and not record.complete and (stored is None or record.seq > stored.batch_seq):
             self.replay(record)
-        if state is not stored:
-            self.state_file.save(state)
         self.state = state
+        if state is not stored or self.state_unsaved:
+            self._save_state(state)
+
+    def _save_state(self, state: State) -> None:
+        """A state file that cannot be written does not stop uploads: the target's own record
+        keeps them exactly-once. The file is written again as soon as it can be."""
+        try:
+            self.state_file.save(state)
+        except TransientError as exc:
+            if not self.state_unsaved:
+                LOG.error("%s", exc)
+            self.state_unsaved = True
+            return
+        if self.state_unsaved:
+            LOG.info("State file %s is up to date again.", self.state_file.path)
+        self.state_unsaved = False
 
     def replay(self, record: CommitRecord) -> None:
         """Load the recorded batch again -- the same rows under the same identity, so a load that
@@ -2896,7 +2945,9 @@ class Uploader:
             self._follow_schema(connection)
             if mark.window is None:
                 window = self.reader.plan_window(connection, mark)
+                self._warn_late_rows(connection, mark, window)
                 if window is None:
+                    stats.behind = self._rows_after(connection, mark)
                     stats.seconds = time.monotonic() - started
                     return stats
                 mark = dataclasses.replace(mark, window=window)
@@ -2908,6 +2959,23 @@ class Uploader:
             connection.close()
         stats.seconds = time.monotonic() - started
         return stats
+
+    def _warn_late_rows(self, connection: sqlite3.Connection, mark: Watermark, window: Window | None) -> None:
+        """Timestamp mode: say so when rows added since the last window carry older timestamps.
+
+        They are behind the cursor and will not be uploaded (the README's trade-off); rows added
+        later are told by their rowid, so this works for rowid tables only.
+        """
+        if mark.mode != "timestamp" or not self.reader.has_rowid or mark.loc is None or mark.key is None:
+            return
+        upper = f" AND rowid <= {int(window.top[0])}" if window is not None else ""
+        added = connection.execute(f"SELECT count(*) FROM {self.reader.from_sql} WHERE rowid > ?{upper}",
+                                   [mark.loc[0]]).fetchone()[0]
+        late = added - (window.rows if window is not None else 0)
+        if late > 0:
+            LOG.warning("%d row(s) written since the last cycle have a timestamp older than the cursor (%s) and "
+                        "are not uploaded in timestamp mode. Set cursor: rowid to upload every new row "
+                        "whatever its timestamp.", late, micros_to_iso(mark.last_upload) or mark.key)
 
     def _rows_after(self, connection: sqlite3.Connection, mark: Watermark) -> int:
         if mark.loc is None or mark.window is not None:
@@ -2946,9 +3014,10 @@ class Uploader:
         assert self.state is not None
         seq = batch.seq if batch is not None else self.state.batch_seq
         uploaded = batch.rows.num_rows if batch is not None else 0
-        self.state = dataclasses.replace(self.state, batch_seq=seq, watermark=mark,
-                                         rows_uploaded=self.state.rows_uploaded + uploaded)
-        self.state_file.save(self.state)
+        state = dataclasses.replace(self.state, batch_seq=seq, watermark=mark,
+                                    rows_uploaded=self.state.rows_uploaded + uploaded)
+        self.state = state
+        self._save_state(state)
         if self.heartbeat is not None:
             self.heartbeat.beat("uploading")
         if batch is not None:
@@ -3129,6 +3198,10 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
                 # Done when a window planned by this run is finished; a window resumed from an
                 # interrupted run leaves newer rows behind it, so plan another.
                 if (uploader.state.watermark.window is None and not stats.resumed) or stop.is_set():
+                    if uploader.state_unsaved:
+                        raise TransientError(f"Rows were uploaded, but the state file {uploader.state_file.path} "
+                                             "could not be written (see above). The next run resumes from the "
+                                             "target's record, without duplicates.")
                     break
                 continue
             if uploader.state.watermark.window is None:

@@ -245,7 +245,10 @@ def test_disk_full_while_writing_the_state_file(tmp_path, tmpfs):
     again = place.run("--batch-size", "1000")
     assert again.returncode == 0, again.stderr
     assert_exactly(place, [f"old-{i}" for i in range(3000)] + [f"new-{i}" for i in range(1500)])
-    assert place.state()["rows_uploaded"] == 4500
+    # The state file caught up with the target (its rows_uploaded counter only counts what the
+    # file itself saw, so it is not compared): a further run finds nothing to do.
+    last = place.run("--batch-size", "1000")
+    assert last.returncode == 0 and "0 read, 0 uploaded" in last.stderr, last.stderr
 
 
 def test_disk_full_in_loop_mode_recovers_when_space_returns(tmp_path, tmpfs):
