@@ -377,7 +377,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "2 bad configuration or input.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML configuration file.")
+    parser.add_argument("--config", help="YAML configuration file [env UPLOADER_CONFIG].")
     parser.add_argument("--run-query", metavar="SQL",
                         help="Run SQL against the target and print the result, or INFO for a summary.")
     parser.add_argument("--output", choices=("table", "json", "csv"), help="Output of --run-query (table).")
@@ -414,7 +414,8 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
     """Merge defaults < YAML < environment < flags, converting and checking each value."""
     environ = dict(os.environ if environ is None else environ)
     args = vars(build_arg_parser().parse_args(argv))
-    config_path = args.pop("config", None)
+    # UPLOADER_CONFIG names the file for every invocation in a container (the health check too).
+    config_path = args.pop("config", None) or environ.get("UPLOADER_CONFIG") or None
     yaml_values = read_yaml_config(config_path) if config_path else {}
     if config_path:
         warn_if_secrets_exposed(config_path, yaml_values)
@@ -2566,9 +2567,11 @@ class State:
     batch_seq: int = 0
     watermark: Watermark = field(default_factory=Watermark)
     rows_uploaded: int = 0
+    node_id: str = ""
 
     def to_json(self) -> dict:
         return {
+            "node_id": self.node_id,
             "last_upload": micros_to_iso(self.watermark.last_upload),
             "format": STATE_FORMAT,
             "tool": f"{TOOL_NAME} {TOOL_VERSION}",
@@ -2669,6 +2672,7 @@ def parse_state(data: dict, path: Path) -> State:
             batch_seq=int(data["batch_seq"]),
             watermark=Watermark.from_json(data["cursor"]),
             rows_uploaded=int(data.get("rows_uploaded", 0)),
+            node_id=str(data.get("node_id") or ""),
         )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ConfigError(f"State file {path} is not an uploader state file or is damaged ({exc}). It was "
@@ -2839,7 +2843,7 @@ class Uploader:
                   "timestamp_col": self.source.timestamp_col, "cursor": self.settings.cursor,
                   "locator": list(self.source.locator)}
         return State(app_id=self.app_id, source=source, target=self.target.describe(),
-                     watermark=Watermark(mode=self.settings.cursor))
+                     watermark=Watermark(mode=self.settings.cursor), node_id=self.settings.node_id)
 
     def prepare(self) -> None:
         self.state_file.check_writable()
@@ -3164,7 +3168,22 @@ def backoff_delay(failures: int, interval: float) -> float:
     return random.uniform(0.5, 1.0) * min(cap, 2.0 * 2 ** (failures - 1))
 
 
+def keep_node_id(settings: Settings) -> Settings:
+    """Without NODE_ID the node is named by its host name, which a re-created container changes;
+    the name this state file was written under is kept, so the node keeps its identity."""
+    if settings.sources.get("node_id", "default") != "default":
+        return settings
+    with contextlib.suppress(ConfigError, OSError, AttributeError):
+        stored = (StateFile(settings.state_dir).load() or {}).get("node_id")
+        if isinstance(stored, str) and stored and stored != settings.node_id:
+            LOG.info("Keeping node id %r from the state file (the host name is now %r); set NODE_ID to choose "
+                     "one.", stored, settings.node_id)
+            return dataclasses.replace(settings, node_id=stored)
+    return settings
+
+
 def run_uploader(settings: Settings, stop: threading.Event) -> int:
+    settings = keep_node_id(settings)
     source = describe_source(settings)
     target = make_target(settings, default_table_name(settings, source.name))
     LOG.info("Uploading %s table %r (%s cursor%s) to %s.", settings.sqlite, source.name, settings.cursor,
@@ -3224,7 +3243,7 @@ def pause(stop: threading.Event, seconds: float, heartbeat: Heartbeat, phase: st
 # --- Query mode
 
 def run_query_mode(invocation: Invocation) -> int:
-    settings = invocation.settings
+    settings = keep_node_id(invocation.settings)
     source_table = settings.sqlite_table_name
     app_id = None
     if settings.sqlite and os.path.exists(settings.sqlite):
