@@ -544,6 +544,11 @@ def open_sqlite(path: str, busy_timeout: float) -> sqlite3.Connection:
                                          isolation_level=None, check_same_thread=False)
         elif "locked" in str(exc) or "busy" in str(exc):
             raise TransientError(f"SQLite database {path} is locked by a writer: {exc}.") from None
+        elif read_only_place:
+            raise ConfigError(f"SQLite database {path} cannot be opened: its directory is read-only and it has a "
+                              "-wal file without the -shm index SQLite needs to read it; reading the main file "
+                              "alone would miss committed rows. Mount the directory writable (the uploader "
+                              "still only reads), or checkpoint the database before copying it.") from None
         else:
             raise ConfigError(f"SQLite database {path} cannot be opened: {exc}.") from None
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -651,6 +656,16 @@ def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns:
                       "Set timestamp_col, or use cursor: rowid for tables without one.")
 
 
+def check_column_names(table: str, names: Sequence[str]) -> None:
+    """Delta and Databricks match column names without case; SQLite folds only ASCII letters."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise ConfigError(f"Table {table!r} has columns {other!r} and {name!r}, which differ only in case; "
+                              "Delta and Databricks tables cannot hold both. Rename one of them in SQLite.")
+
+
 def describe_source(settings: Settings) -> SourceTable:
     """Open the database once at start-up and work out table, columns, locator and timestamp column."""
     path = settings.sqlite
@@ -660,6 +675,7 @@ def describe_source(settings: Settings) -> SourceTable:
     try:
         table = choose_table(connection, settings.sqlite_table_name, path)
         columns, primary_key = read_columns(connection, table)
+        check_column_names(table, [c.name for c in columns])
         locator = table_locator(connection, table, columns, primary_key)
         if settings.cursor == "rowid" and locator[0] not in ("rowid", "_rowid_", "oid"):
             raise ConfigError(f"cursor: rowid needs a table with rowids, but {table!r} is a WITHOUT ROWID "
@@ -677,6 +693,8 @@ def describe_source(settings: Settings) -> SourceTable:
             with contextlib.suppress(ConfigError):
                 timestamp_col = detect_timestamp_column(connection, table, columns)
     except sqlite3.DatabaseError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise TransientError(f"SQLite database {path} is locked by a writer: {exc}.") from None
         raise ConfigError(f"Cannot read the schema of {path}: {exc}.") from None
     finally:
         connection.close()
@@ -1717,7 +1735,7 @@ class DeltaTarget:
     def __init__(self, settings: Settings, table_name: str):
         self.database = settings.databricks_database or "default"
         self.table_name = table_name
-        self.location = settings.delta_path or os.path.join("lakehouse", table_name)
+        self.location = settings.delta_path or os.path.join("lakehouse", safe_path_part(table_name))
         if "://" not in self.location:
             self.location = os.path.abspath(self.location)
         self.schema: Any = None
@@ -1776,25 +1794,35 @@ class DeltaTarget:
             custom_metadata={META_APP: batch.app_id, META_SEQ: str(batch.seq),
                              META_WATERMARK: json.dumps(batch.watermark.to_json())},
         )
+        rows = batch.rows
+        if self.schema is not None:  # the table's spelling of each name (it may differ in case)
+            spelling = {f.name.lower(): f.name for f in self.schema}
+            rows = rows.rename_columns([spelling.get(n.lower(), n) for n in rows.column_names])
         try:
-            write_deltalake(self.location, batch.rows, mode="append", schema_mode="merge",
+            write_deltalake(self.location, rows, mode="append", schema_mode="merge",
                             commit_properties=properties, name=f"{self.database}.{self.table_name}")
         except OSError as exc:
             raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
         except Exception as exc:
             raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
 
-    def run_query(self, sql: str) -> Any:
+    @property
+    def query_alias(self) -> str:
+        """The name the table gets in queries: a name DataFusion could misread (dots, quotes) gets a plain one."""
+        bare = self.table_name
+        return bare if re.fullmatch(r"[a-z_][a-z0-9_]*", bare) else "uploaded_table"
+
+    def run_query(self, sql: str, rewrite: bool = True) -> Any:
         import pyarrow as pa
         from deltalake import QueryBuilder
 
         table = self._open()
         if table is None:
             raise ConfigError(f"There is no Delta table at {self.location} yet: nothing has been uploaded.")
-        bare = self.table_name
-        rewritten = qualified_name_pattern(self.database, bare).sub(datafusion_ident(bare), sql)
+        alias = self.query_alias
+        rewritten = qualified_name_pattern(self.database, self.table_name).sub(alias, sql) if rewrite else sql
         try:
-            return pa.table(QueryBuilder().register(datafusion_ident(bare).strip('"'), table).execute(rewritten))
+            return pa.table(QueryBuilder().register(alias, table).execute(rewritten))
         except Exception as exc:
             raise ConfigError(f"Query failed: {exc}") from None
 
@@ -1804,7 +1832,7 @@ class DeltaTarget:
                  ("name", f"{self.database}.{self.table_name} (or {self.table_name})")]
         if table is None:
             return [*lines, ("status", "not created yet: nothing uploaded")]
-        count = self.run_query(f"SELECT count(*) AS n FROM {datafusion_ident(self.table_name)}").column(0)[0]
+        count = self.run_query(f"SELECT count(*) AS n FROM {self.query_alias}", rewrite=False).column(0)[0]
         import pyarrow as pa
 
         schema = pa.schema(table.schema().to_arrow())
@@ -1821,6 +1849,14 @@ class DeltaTarget:
 
     def close(self) -> None:
         return None
+
+
+def safe_path_part(name: str) -> str:
+    """A table name as one directory name: never a path of its own (.., /) or a URL (#, ?)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "table"
+    if safe != name:
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
 
 
 def datafusion_ident(name: str) -> str:
@@ -2092,6 +2128,9 @@ class DatabricksTarget:
         self.table_name = table_name
         self.node_id = settings.node_id
         self.lineage = [LINEAGE_CHOICES[c] for c in settings.lineage_columns]
+        if table_name.lower() == PROGRESS_TABLE:
+            raise ConfigError(f"The target table cannot be named {PROGRESS_TABLE}: the uploader keeps its progress "
+                              "records there. Set databricks_table to another name.")
         self.connection: Any = None
         self.columns: dict[str, str] | None = None  # target column -> Databricks type, once checked
         self.arrow_schema: Any = None
@@ -2197,6 +2236,9 @@ class DatabricksTarget:
                                   "waiting and retrying.")
         from databricks.sql import exc as dbx_exc
 
+        if "INVALID_SCHEMA_OR_RELATION_NAME" in text or "INVALID_IDENTIFIER" in text:
+            return ConfigError(f"Databricks does not accept a name while {doing} ({text}). Set databricks_table "
+                               "/ databricks_database to names it accepts (letters, digits, underscores).")
         if isinstance(exc, dbx_exc.ServerOperationError):
             return UploaderError(f"Databricks rejected a statement while {doing}: {text}")
         return TransientError(f"Cannot reach Databricks at {self.endpoint.host} while {doing}: {text}")
@@ -2249,8 +2291,8 @@ class DatabricksTarget:
         columns: dict[str, str] = {}
         for row in rows:
             column, data_type = row[0], row[1]
-            if not column or column.startswith("#"):
-                break  # partition / detail sections follow
+            if not data_type:
+                break  # an empty line, then partition / detail sections
             columns[column] = data_type
         return columns
 
@@ -2258,6 +2300,10 @@ class DatabricksTarget:
         """Create or check the table once per run; return the schema batches must have."""
         import pyarrow as pa
 
+        clashing = sorted(f.name for f in schema if f.name.lower() in {c.lower() for c in self.lineage})
+        if clashing:
+            raise ConfigError(f"Source column(s) {', '.join(clashing)} have the name of a lineage column; leave "
+                              "that lineage column out of lineage_columns, or rename the source column.")
         wanted = pa.schema(list(schema) + [self._lineage_field(c) for c in self.lineage])
         if self.columns is None:
             self._ensure_support_objects()
@@ -2858,7 +2904,12 @@ class Uploader:
                               "does not match its content). It was not changed. Move it away to resume from "
                               "the target's own record, without duplicates.")
         self.stored = parse_state(raw, self.state_file.path) if raw is not None else None
-        check_binding(self.stored, self.fresh_state(), self.state_file.path)
+        fresh = self.fresh_state()
+        if self.stored is not None and self.stored.batch_seq == 0 and (
+                self.stored.source != fresh.source or self.stored.target != fresh.target):
+            LOG.info("The state file describes another source or target but records no upload; starting afresh.")
+            self.stored = None
+        check_binding(self.stored, fresh, self.state_file.path)
 
     def _follow_schema(self, connection: sqlite3.Connection) -> None:
         """Pick up columns the application added to its table while we run."""
@@ -2871,6 +2922,7 @@ class Uploader:
                                  "(being recreated?); retrying.")
         if columns == self.source.columns:
             return
+        check_column_names(self.source.name, [c.name for c in columns])
         names = {c.name for c in columns}
         if self.source.timestamp_col and self.source.timestamp_col not in names:
             raise ConfigError(f"The timestamp column {self.source.timestamp_col!r} is gone from table "
@@ -2947,6 +2999,7 @@ class Uploader:
             raise TransientError(str(exc)) from None
         try:
             self._follow_schema(connection)
+            mark = self._check_rowid_restart(connection, mark)
             if mark.window is None:
                 window = self.reader.plan_window(connection, mark)
                 self._warn_late_rows(connection, mark, window)
@@ -2959,10 +3012,35 @@ class Uploader:
                          "" if not window.filtered else " (interleaved rows: reading with the key filter)")
             self._drain_window(connection, mark, stats)
             stats.behind = self._rows_after(connection, self.state.watermark)
+        except sqlite3.DatabaseError as exc:
+            if "malformed" in str(exc) or "not a database" in str(exc):
+                raise ConfigError(f"SQLite database {self.settings.sqlite} is corrupt ({exc}). Everything up to the "
+                                  "last committed batch is in the target; restore the file or point sqlite at "
+                                  "a good copy.") from None
+            raise
         finally:
             connection.close()
         stats.seconds = time.monotonic() - started
         return stats
+
+    def _check_rowid_restart(self, connection: sqlite3.Connection, mark: Watermark) -> Watermark:
+        """Rowid mode: a table emptied and refilled, recreated or replaced numbers its rows from 1 again.
+
+        Seen as every rowid being below the cursor's; the cursor then starts again from the
+        bottom. (Deleting the newest rows while keeping older ones looks the same, and those
+        older rows would be uploaded again: see README, Deleted rows.)
+        """
+        if mark.mode != "rowid" or not self.reader.has_rowid or mark.loc is None or mark.window is not None:
+            return mark
+        top = connection.execute(f"SELECT max(rowid) FROM {self.reader.from_sql}").fetchone()[0]
+        if top is None or top >= mark.loc[0]:
+            return mark
+        LOG.warning("Every rowid of %r is now below the cursor's (%s < %s): the table was emptied and refilled, "
+                    "recreated or replaced. Uploading its rows from the first.", self.source.name, top, mark.loc[0])
+        mark = dataclasses.replace(mark, loc=None, null_loc=None)
+        assert self.state is not None
+        self.state = dataclasses.replace(self.state, watermark=mark)
+        return mark
 
     def _warn_late_rows(self, connection: sqlite3.Connection, mark: Watermark, window: Window | None) -> None:
         """Timestamp mode: say so when rows added since the last window carry older timestamps.
@@ -3182,16 +3260,46 @@ def keep_node_id(settings: Settings) -> Settings:
     return settings
 
 
-def run_uploader(settings: Settings, stop: threading.Event) -> int:
-    settings = keep_node_id(settings)
+def start_uploader(settings: Settings, stop: threading.Event) -> Uploader:
     source = describe_source(settings)
     target = make_target(settings, default_table_name(settings, source.name))
     LOG.info("Uploading %s table %r (%s cursor%s) to %s.", settings.sqlite, source.name, settings.cursor,
              f" on {source.timestamp_col!r}" if settings.cursor == "timestamp" else "", target.describe())
     uploader = Uploader(settings, source, target, stop)
-    heartbeat = uploader.heartbeat = Heartbeat(settings.state_dir, heartbeat_stale_after(settings))
-    heartbeat.beat("starting")
-    uploader.prepare()
+    try:
+        uploader.prepare()
+    except sqlite3.OperationalError as exc:
+        target.close()
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise TransientError(f"SQLite database {settings.sqlite} is locked by a writer: {exc}.") from None
+        raise
+    except BaseException:
+        target.close()
+        raise
+    return uploader
+
+
+def run_uploader(settings: Settings, stop: threading.Event) -> int:
+    settings = keep_node_id(settings)
+    heartbeat = Heartbeat(settings.state_dir, heartbeat_stale_after(settings))
+    failures = 0
+    while True:  # start-up; in loop mode a lock or an unreachable target is waited out
+        heartbeat.beat("starting")
+        try:
+            uploader = start_uploader(settings, stop)
+            break
+        except TransientError as exc:
+            if settings.once:
+                raise
+            failures += 1
+            heartbeat.failed()
+            delay = backoff_delay(failures, settings.interval)
+            LOG.error("Start-up failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
+            pause(stop, delay, heartbeat, "backing off")
+            if stop.is_set():
+                return EXIT_OK
+    target = uploader.target
+    uploader.heartbeat = heartbeat
     failures = 0
     try:
         while not stop.is_set():

@@ -308,3 +308,9 @@ def unmount(path: Path) -> None:
             return
         time.sleep(0.5)  # a child that has just exited may still hold it
     subprocess.run(["umount", "-l", str(path)], capture_output=True, text=True)
+
+
+def no_progress_recorded(state_dir: Path) -> bool:
+    """A refused run records no progress: no state file, or a fresh one that counts no batch."""
+    path = state_dir / "upload_state.json"
+    return not path.exists() or json.loads(path.read_text())["batch_seq"] == 0

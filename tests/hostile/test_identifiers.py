@@ -28,6 +28,7 @@ from .kit import (
     delta_columns,
     delta_exists,
     make_db,
+    no_progress_recorded,
     query,
     quote,
     read_delta_rows,
@@ -149,7 +150,7 @@ def test_columns_differing_only_in_case_are_refused_on_databricks(healthy_emulat
     db, state = case_pair_db(tmp_path / "src" / "case.db"), tmp_path / "state"
     assert_refused(dbx_upload(healthy_emulator, db, state, "hostile_case"), "é", "É")
     assert "readings" not in schema_tables(healthy_emulator, "hostile_case")
-    assert not (state / "upload_state.json").exists()
+    assert no_progress_recorded(state)
 
 
 def test_table_and_timestamp_column_named_in_another_case(tmp_path):
@@ -264,7 +265,7 @@ def test_table_name_databricks_cannot_hold_is_refused_clearly(healthy_emulator: 
                  rows=[(1, "2024-03-01 00:00:00")], insert_sql=f"INSERT INTO {quote(name)} VALUES (?, ?)")
     state = tmp_path / "state"
     assert_refused(dbx_upload(healthy_emulator, db, state, "hostile_bad_tables"), name, "databricks_table")
-    assert not (state / "upload_state.json").exists()
+    assert no_progress_recorded(state)
     # Following the message works.
     fixed = dbx_upload(healthy_emulator, db, state, "hostile_bad_tables", "--databricks-table", "renamed")
     assert fixed.returncode == 0, fixed.stderr[-6000:]
@@ -276,7 +277,7 @@ def test_schema_name_databricks_cannot_hold_is_refused_clearly(healthy_emulator:
                  rows=[(1, "2024-03-01 00:00:00")], insert_sql="INSERT INTO readings VALUES (?, ?)")
     state = tmp_path / "state"
     assert_refused(dbx_upload(healthy_emulator, db, state, "my schema"), "my schema", "databricks_database")
-    assert not (state / "upload_state.json").exists()
+    assert no_progress_recorded(state)
 
 
 def test_source_table_named_like_the_progress_table(healthy_emulator: Emulator, tmp_path):
@@ -301,7 +302,7 @@ def test_source_column_named_like_a_lineage_column(healthy_emulator: Emulator, t
     state = tmp_path / "state"
     assert_refused(dbx_upload(healthy_emulator, db, state, "hostile_lineage", "--lineage-columns", "batch_id"),
                    "_batch_id", "lineage_columns")
-    assert not (state / "upload_state.json").exists()
+    assert no_progress_recorded(state)
     # Without the lineage column the source's own _batch_id is just data.
     plain = dbx_upload(healthy_emulator, db, state, "hostile_lineage")
     assert plain.returncode == 0, plain.stderr[-6000:]
