@@ -87,15 +87,19 @@ def make_sample_db(
 ) -> int:
     """Create (or extend) the sample database and return the number of rows added."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as db:
-        if wal:
-            db.execute("PRAGMA journal_mode=WAL")
-        db.execute(SCHEMA)
-        db.executemany(
-            "INSERT INTO sensor_logs (device_id, timestamp, temperature, humidity, status)"
-            " VALUES (?, ?, ?, ?, ?)",
-            sample_rows(rows, seed=seed, mixed_formats=mixed_formats),
-        )
+    db = sqlite3.connect(path)
+    try:
+        with db:  # one transaction
+            if wal:
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+            db.executemany(
+                "INSERT INTO sensor_logs (device_id, timestamp, temperature, humidity, status)"
+                " VALUES (?, ?, ?, ?, ?)",
+                sample_rows(rows, seed=seed, mixed_formats=mixed_formats),
+            )
+    finally:
+        db.close()  # closing checkpoints the WAL now, not whenever the object is collected
     return rows
 
 
