@@ -2231,6 +2231,9 @@ class DatabricksTarget:
                 f"Databricks at {self.endpoint.host} gave no successful answer within databricks_retry_timeout "
                 f"({self.settings.databricks_retry_timeout:g} s) while {doing}: the SQL warehouse is starting "
                 "(HTTP 503), throttling (429) or unreachable. Retrying with backoff.")
+        if "invalid sessionhandle" in lowered:
+            return TransientError(f"The SQL warehouse lost this session while {doing} (restarted?); "
+                                  "reconnecting.")
         if "503" in text or "temporarily unavailable" in lowered or "starting" in lowered:
             return TransientError(f"The SQL warehouse is starting or unavailable (HTTP 503) while {doing}; "
                                   "waiting and retrying.")
@@ -2273,10 +2276,10 @@ class DatabricksTarget:
             with connection.cursor() as cursor:
                 return work(cursor)
         except Exception as exc:
-            error = self._classify(exc, doing)
-            if isinstance(error, TransientError):
-                self._drop_connection()
-            raise error from None
+            # Any failure drops the connection: after a warehouse restart the first error may be
+            # an internal one, and the old session would fail every later statement.
+            self._drop_connection()
+            raise self._classify(exc, doing) from None
 
     # -- table set-up --------------------------------------------------------------------
     def describe_columns(self, name: str) -> dict[str, str] | None:

@@ -26,8 +26,8 @@ For N minutes three things run at once:
 - a *chaos driver* that, at random moments, SIGKILLs and restarts the uploader, stops it gracefully,
   freezes it, deletes its state file, and -- Databricks target -- turns emulator faults on and off
   (503 storms, dropped answers after a statement ran, refused connections, slow answers) and restarts
-  the emulator. Faults come one at a time: after each one the driver waits until the uploader has
-  caught up (see "lag" below) before the next.
+  the emulator, cleanly or by crashing it. Faults come one at a time: after each one the driver waits
+  until the uploader has caught up (see "lag" below) before the next.
 
 Then the writer stops, the uploader drains, is stopped with SIGTERM, and the target is compared with
 the source row by row (every row carries a unique id). One summary is printed (and written as JSON
@@ -36,8 +36,8 @@ recovered from, and the uploader never exited on its own. bench/README.md explai
 
 Lag: at a moment t, the age of the oldest source row that is not yet in the target (t minus the time
 the writer committed it); 0 when every committed row is in the target. A fault is *recovered* at the
-first moment after its end at which rows have landed in the target since the end and the lag is
-below one interval.
+first moment after its end at which rows committed after the end have landed in the target and the
+lag is below one interval.
 """
 
 from __future__ import annotations
