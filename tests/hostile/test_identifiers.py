@@ -267,9 +267,10 @@ def test_table_name_databricks_cannot_hold_is_refused_clearly(healthy_emulator: 
     assert_refused(dbx_upload(healthy_emulator, db, state, "hostile_bad_tables"), name, "databricks_table")
     assert no_progress_recorded(state)
     # Following the message works.
-    fixed = dbx_upload(healthy_emulator, db, state, "hostile_bad_tables", "--databricks-table", "renamed")
+    renamed = "renamed_" + "".join(c if c.isalnum() else "_" for c in name)  # one table per case
+    fixed = dbx_upload(healthy_emulator, db, state, "hostile_bad_tables", "--databricks-table", renamed)
     assert fixed.returncode == 0, fixed.stderr[-6000:]
-    assert [r["id"] for r in both_views(healthy_emulator, "hostile_bad_tables", "renamed")] == [1]
+    assert [r["id"] for r in both_views(healthy_emulator, "hostile_bad_tables", renamed)] == [1]
 
 
 def test_schema_name_databricks_cannot_hold_is_refused_clearly(healthy_emulator: Emulator, tmp_path):
