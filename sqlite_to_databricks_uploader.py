@@ -521,6 +521,15 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sqlite_locked(exc: Exception) -> bool:
+    """A writer holds the lock: worth waiting for, unlike other SQLite errors."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def sqlite_corrupt(exc: Exception) -> bool:
+    return "malformed" in str(exc) or "not a database" in str(exc)
+
+
 def open_sqlite(path: str, busy_timeout: float) -> sqlite3.Connection:
     """Open the database read-only; autocommit so every statement is its own short read transaction."""
     if not os.path.exists(path):
@@ -533,7 +542,7 @@ def open_sqlite(path: str, busy_timeout: float) -> sqlite3.Connection:
                                      check_same_thread=False)
         connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc) or "malformed" in str(exc):
+        if sqlite_corrupt(exc):
             raise ConfigError(f"{path} is not a SQLite database (or it is corrupt): {exc}.") from None
         read_only_place = "unable to open" in str(exc) or "readonly" in str(exc).replace("-", "").replace(" ", "")
         if read_only_place and not os.path.exists(path + "-wal"):
@@ -542,7 +551,7 @@ def open_sqlite(path: str, busy_timeout: float) -> sqlite3.Connection:
             LOG.info("Opening %s as immutable: its directory is read-only and no writer is active.", path)
             connection = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=busy_timeout,
                                          isolation_level=None, check_same_thread=False)
-        elif "locked" in str(exc) or "busy" in str(exc):
+        elif sqlite_locked(exc):
             raise TransientError(f"SQLite database {path} is locked by a writer: {exc}.") from None
         elif read_only_place:
             raise ConfigError(f"SQLite database {path} cannot be opened: its directory is read-only and it has a "
@@ -693,7 +702,7 @@ def describe_source(settings: Settings) -> SourceTable:
             with contextlib.suppress(ConfigError):
                 timestamp_col = detect_timestamp_column(connection, table, columns)
     except sqlite3.DatabaseError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
+        if sqlite_locked(exc):
             raise TransientError(f"SQLite database {path} is locked by a writer: {exc}.") from None
         raise ConfigError(f"Cannot read the schema of {path}: {exc}.") from None
     finally:
@@ -3016,7 +3025,7 @@ class Uploader:
             self._drain_window(connection, mark, stats)
             stats.behind = self._rows_after(connection, self.state.watermark)
         except sqlite3.DatabaseError as exc:
-            if "malformed" in str(exc) or "not a database" in str(exc):
+            if sqlite_corrupt(exc):
                 raise ConfigError(f"SQLite database {self.settings.sqlite} is corrupt ({exc}). Everything up to the "
                                   "last committed batch is in the target; restore the file or point sqlite at "
                                   "a good copy.") from None
@@ -3273,7 +3282,7 @@ def start_uploader(settings: Settings, stop: threading.Event) -> Uploader:
         uploader.prepare()
     except sqlite3.OperationalError as exc:
         target.close()
-        if "locked" in str(exc) or "busy" in str(exc):
+        if sqlite_locked(exc):
             raise TransientError(f"SQLite database {settings.sqlite} is locked by a writer: {exc}.") from None
         raise
     except BaseException:
