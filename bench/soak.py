@@ -80,16 +80,14 @@ VALUE_COLUMNS = ("id", "device_id", "timestamp", "temperature", "humidity", "sta
 # Values the uploader cannot read as a datetime (README, "Unreadable timestamps"): uploaded as NULL.
 UNREADABLE = ("n/a", "", "sensor offline", "2026-02-30 10:00:00", "24:00", "9223372036854775807")
 
-# Settings a developer's shell may carry that would change what the uploader does.
-UPLOADER_VARIABLES = {
-    "SQLITE_PATH", "SQLITE_TABLE_NAME", "TIMESTAMP_COL", "CURSOR", "SOURCE_TIMEZONE", "INVALID_TIMESTAMPS",
-    "BATCH_SIZE", "SQLITE_BUSY_TIMEOUT", "UPLOAD_TARGET", "DELTA_PATH", "DATABRICKS_HOST",
-    "DATABRICKS_HTTP_PATH", "DATABRICKS_TOKEN", "DATABRICKS_DATABASE", "DATABRICKS_TABLE",
-    "ENABLE_SANITIZE", "SANITIZE_CONFIG", "ENABLE_FILTER", "FILTER_CONFIG", "ENABLE_AGGREGATE",
-    "AGGREGATE_CONFIG", "STATE_DIR", "UPLOAD_INTERVAL", "ONCE", "LOG_LEVEL", "LOG_FORMAT",
-    "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_CATALOG", "STAGING_VOLUME", "CREATE_TABLE",
-    "NODE_ID", "LINEAGE_COLUMNS", "DATABRICKS_RETRY_TIMEOUT",
-}
+# Settings a developer's shell may carry that would change what the uploader does: every variable
+# the script reads (its own option table), and the one naming its config file.
+def uploader_variables() -> set[str]:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import sqlite_to_databricks_uploader as uploader  # no side effects on import
+
+    return {option.env for option in uploader.OPTIONS} | {"UPLOADER_CONFIG"}
 
 # The chaos decks: each kind once (kills twice) per round, shuffled; a new round when one is used up.
 UPLOADER_FAULTS = ("kill", "kill", "term", "freeze", "state_loss")
@@ -432,7 +430,7 @@ class UploaderProcess:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in UPLOADER_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in uploader_variables()}
     env.update(extra)
     return env
 

@@ -314,3 +314,18 @@ def no_progress_recorded(state_dir: Path) -> bool:
     """A refused run records no progress: no state file, or a fresh one that counts no batch."""
     path = state_dir / "upload_state.json"
     return not path.exists() or json.loads(path.read_text())["batch_seq"] == 0
+
+
+# The readings table of the file and state cases: a unique uid per row, compared exactly.
+SCHEMA = "CREATE TABLE readings (id INTEGER PRIMARY KEY, uid TEXT, ts TEXT, v REAL)"
+INSERT = "INSERT INTO readings (uid, ts, v) VALUES (?, ?, ?)"
+
+
+def add(db: Path, new_rows: list[tuple]) -> None:
+    """Insert rows the way the application does (its own connection, one transaction)."""
+    connection = sqlite3.connect(db)
+    try:
+        connection.executemany(INSERT, new_rows)
+        connection.commit()
+    finally:
+        connection.close()

@@ -21,10 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from .kit import Place, assert_failed_cleanly, assert_refused, bind_read_only, error_lines, make_db, unmount
-
-SCHEMA = "CREATE TABLE readings (id INTEGER PRIMARY KEY, uid TEXT, ts TEXT, v REAL)"
-INSERT = "INSERT INTO readings (uid, ts, v) VALUES (?, ?, ?)"
+from .kit import (
+    INSERT,
+    SCHEMA,
+    Place,
+    add,
+    assert_failed_cleanly,
+    assert_refused,
+    bind_read_only,
+    error_lines,
+    make_db,
+    unmount,
+)
 
 
 def rows(prefix: str, count: int, start_second: int = 0, day: str = "2024-05-01") -> list[tuple]:
@@ -34,15 +42,6 @@ def rows(prefix: str, count: int, start_second: int = 0, day: str = "2024-05-01"
 
 def source(path: Path, count: int = 300, prefix: str = "old", wal: bool = False, day: str = "2024-05-01") -> Path:
     return make_db(path, SCHEMA, rows=rows(prefix, count, day=day), insert_sql=INSERT, wal=wal)
-
-
-def add(db: Path, new_rows: list[tuple]) -> None:
-    connection = sqlite3.connect(db)
-    try:
-        connection.executemany(INSERT, new_rows)
-        connection.commit()
-    finally:
-        connection.close()
 
 
 def uids(place: Place) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from .kit import (
+    INSERT,
+    SCHEMA,
     Place,
+    add,
     assert_failed_cleanly,
     assert_refused,
     bind_read_only,
@@ -33,21 +35,9 @@ from .kit import (
     unmount,
 )
 
-SCHEMA = "CREATE TABLE readings (id INTEGER PRIMARY KEY, uid TEXT, ts TEXT, v REAL)"
-INSERT = "INSERT INTO readings (uid, ts, v) VALUES (?, ?, ?)"
-
 
 def rows(prefix: str, count: int, day: str = "2024-05-01") -> list[tuple]:
     return [(f"{prefix}-{i}", f"{day} {i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}", float(i)) for i in range(count)]
-
-
-def add(db: Path, new_rows: list[tuple]) -> None:
-    connection = sqlite3.connect(db)
-    try:
-        connection.executemany(INSERT, new_rows)
-        connection.commit()
-    finally:
-        connection.close()
 
 
 def new_place(root: Path, count: int = 300) -> Place:
