@@ -62,10 +62,23 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """Control characters shown escaped (a newline as \\n), so that a value echoed into a message
+    cannot split a log line or fake a second one."""
+    return CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
 class UploaderError(Exception):
-    """A failure with a message meant for the user; exit_code says what kind."""
+    """A failure with a message meant for the user; exit_code says what kind. The message is always
+    one line."""
 
     exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 class ConfigError(UploaderError):
@@ -334,7 +347,8 @@ def convert_list(option: Option, raw: Any, where: str) -> list[str]:
         return list(option.choices)
     unknown = [item for item in items if item not in option.choices]
     if unknown:
-        raise ConfigError(f"{where}: unknown value(s) {', '.join(unknown)}; use {', '.join(option.choices)} or all.")
+        raise ConfigError(f"{where}: unknown value(s) {', '.join(map(repr, unknown))}; "
+                          f"use {', '.join(option.choices)} or all.")
     return list(dict.fromkeys(items))
 
 

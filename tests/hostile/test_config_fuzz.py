@@ -133,6 +133,14 @@ def test_fuzzed_flag_value(option, value, form):
     judge(argv, {}, names_of(option))
 
 
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.key)
+def test_value_with_a_newline_gives_a_one_line_error(option):
+    """Found by the flag fuzz: a bad value echoed into the error split it over two lines."""
+    value = "0\nforged: line" if option.kind != "bool" else "yes\nno"
+    judge([f"{option.flag}={value}"], {}, names_of(option))
+    judge([], {option.env: value}, names_of(option))
+
+
 @FUZZ
 @given(environ=st.dictionaries(st.sampled_from([o.env for o in OPTIONS]), SPECIAL_TEXT, max_size=6))
 def test_fuzzed_environment_all_at_once(environ):
