@@ -5,42 +5,26 @@ comparison.
 
 It runs bench/soak.py exactly as a user does (see bench/README.md) and checks its JSON summary:
 no row lost, duplicated or altered, every fault recovered from (the lag back under one interval),
-the uploader never exiting on its own and stopping with exit code 0. SOAK_SEED replays the
+the uploader never exiting on its own and stopping with exit code 0. Both soaks start in the
+background when collection ends and these tests run last (see conftest.py). SOAK_SEED replays the
 chaos choices of a failed run (timings differ); SOAK_MINUTES runs longer.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-SOAK = ROOT / "bench" / "soak.py"
-
 
 @pytest.mark.parametrize("target", ["databricks", "delta"])
-def test_two_minute_soak_loses_and_duplicates_nothing(target: str, tmp_path: Path):
-    seed = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(1 << 30))
-    minutes = os.environ.get("SOAK_MINUTES", "2")
-    summary_path = tmp_path / "summary.json"
-    command = [sys.executable, str(SOAK), "--target", target, "--minutes", minutes, "--seed", str(seed),
-               "--workdir", str(tmp_path / "work"), "--json", str(summary_path), "--verbose",
-               # Shorter faults and gaps than the defaults: more of them fit in two minutes.
-               "--fault-seconds", "3,12", "--gap", "1,6",
-               "--recovery-timeout", "120", "--drain-timeout", "150"]
-    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                             timeout=float(minutes) * 60 + 600)
-    print(process.stdout)
-    print(process.stderr[-5000:])
-    assert summary_path.exists(), f"no summary (exit code {process.returncode}):\n{process.stderr[-5000:]}"
-    summary = json.loads(summary_path.read_text())
-    context = f"(target {target}, seed {seed}; replay with SOAK_SEED={seed}; work dir {tmp_path / 'work'})"
+def test_two_minute_soak_loses_and_duplicates_nothing(target: str, soak):
+    code = soak.wait()
+    print(soak.tail(soak.stdout, 20_000))
+    print(soak.tail(soak.stderr))
+    context = f"(target {target}, seed {soak.seed}; replay with SOAK_SEED={soak.seed}; work dir {soak.workdir})"
+    assert soak.summary.exists(), f"no summary (exit code {code}) {context}:\n{soak.tail(soak.stderr)}"
+    summary = json.loads(soak.summary.read_text())
 
     assert summary["rows_written"] >= 30_000, f"the writer wrote too little {context}"
     assert summary["lost"] == 0, f"{summary['lost']} row(s) lost {context}: {summary['examples']}"
@@ -52,4 +36,4 @@ def test_two_minute_soak_loses_and_duplicates_nothing(target: str, tmp_path: Pat
     assert summary["unexpected_uploader_exits"] == 0, f"{summary['failures']} {context}"
     assert summary["final_exit_code"] == 0, context
     assert summary["passed"], f"{summary['failures']} {context}"
-    assert process.returncode == 0, f"exit code {process.returncode} {context}"
+    assert code == 0, f"exit code {code} {context}"
