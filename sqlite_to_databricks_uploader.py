@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -888,14 +889,40 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
 # 3. Cursor: a (timestamp, rowid) keyset watermark, read window by window
 # =====================================================================================
 #
-# A cycle starts by planning a *window*: one scan of the table (inside SQLite) finds the
-# highest locator (rowid) that exists now -- the window's top -- and which rows below it are
-# still pending: those whose (key, rowid) is above the watermark, plus rows whose timestamp
-# is unreadable (key NULL) and above the null watermark. The window is then read in locator
-# order in batches of batch_size rows, each in its own short read transaction, so no snapshot
-# is held while a batch uploads. When the window is finished the watermark becomes
-# (highest key seen, window top). Rows with a key equal to the watermark's but a higher rowid
-# are therefore still pending: ties at a batch or cycle edge are neither lost nor sent twice.
+# Two orders, one per kind of table:
+#
+# * Insertion order (every table with a rowid, whatever `cursor` says). SQLite gives a new row
+#   a rowid above every existing one, so the rows that are new are the rows above the
+#   *frontier* -- the rowid of the last row read -- whatever their timestamps: a clock that
+#   stepped back does not hide them. Planning a window costs an index seek and a count of
+#   the new rows, not a scan of the table. Three guards keep that true through the life of
+#   an edge database:
+#     - the *tail*: a fingerprint of the last TAIL_ROWS rows up to the frontier (rowid and a
+#       hash of each row). Checked in O(1) before every plan and inside every batch read. A
+#       table whose rowids were renumbered (retention delete + VACUUM of a table without an
+#       INTEGER PRIMARY KEY), emptied, recreated or replaced fails it; one scan then finds
+#       where the fingerprinted rows went (or that none is left: every row is new).
+#     - *below*: the number of rows at or below the frontier. If it grew, rows were inserted
+#       with explicit rowids under the frontier: in timestamp mode one filtered scan uploads
+#       those whose timestamp is newer than every uploaded one; what cannot be told from
+#       uploaded rows is reported.
+#     - the timestamp watermark `key` (the newest uploaded timestamp) serves that scan and
+#       `last_upload`, the specification's field.
+# * Key order (WITHOUT ROWID tables: their primary key does not follow insertion): a
+#   (timestamp, primary key) keyset. Planning scans the table inside SQLite to find the rows
+#   above the watermark; ties at the watermark's timestamp are remembered by key. A row added
+#   later with an older timestamp cannot be told from an uploaded one: it is reported.
+#
+# A cycle plans a *window* (the rows pending now, up to the highest locator), then reads it
+# in locator order, batch_size rows per read, each read its own short read transaction, so
+# no snapshot is held while a batch uploads. Rows written meanwhile belong to the next window.
+
+TAIL_ROWS = 16  # rows fingerprinted at the frontier
+RELOCATE_CHUNK = 20_000  # rows per read while looking for the fingerprinted rows
+
+
+class FrontierMoved(Exception):
+    """The rows at the frontier are not where the cursor left them (renumbered or replaced)."""
 
 
 @dataclass
@@ -910,6 +937,9 @@ class Window:
     rows: int  # pending rows at planning time
     rows_done: int = 0
     ties: list | None = None  # primary keys read so far with key == top_key (WITHOUT ROWID tables)
+    tail: list | None = None  # insertion order: fingerprint of the rows up to `done`
+    tail_cols: list | None = None  # the columns that fingerprint hashed
+    below: int | None = None  # insertion order: rows at or below `top` once the window is read
 
 
 @dataclass
@@ -926,6 +956,11 @@ class Watermark:
     # increasing like rowids, so a row added later with the same timestamp can sort below `loc`;
     # it is new when its key is not in this set. None: ties are ordered by `loc` (rowid tables).
     ties: list | None = None
+    # "insertion" (rowid tables: rows above the frontier `loc` are new) or "key" (the keyset).
+    order: str = "key"
+    tail: list | None = None  # [[rowid, row hash], ...] of the last rows up to `loc`
+    tail_cols: list | None = None  # the columns `tail` hashed, in table order
+    below: int | None = None  # rows at or below `loc` when last counted
 
     def to_json(self) -> dict:
         return json_safe(dataclasses.asdict(self))
@@ -933,12 +968,51 @@ class Watermark:
     @classmethod
     def from_json(cls, data: dict) -> Watermark:
         data = json_restore(dict(data))
+        # Cursors written before insertion order existed: rowid mode already meant it.
+        data.setdefault("order", "insertion" if data.get("mode") == "rowid" else "key")
         window = data.pop("window", None)
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"unknown cursor fields {sorted(unknown)}")
         return cls(**data, window=Window(**window) if window else None)
+
+    @property
+    def frontier(self) -> tuple[int | None, list | None, list | None]:
+        """Insertion order: the last row read, and the fingerprint of the rows up to it."""
+        window = self.window
+        if window is not None and window.done is not None:
+            return window.done[0], window.tail, window.tail_cols
+        return (self.loc[0] if self.loc else None), self.tail, self.tail_cols
+
+
+def row_hash(values: Sequence) -> str:
+    """A short digest of one row's stored values (TEXT read as bytes), stable across versions."""
+    digest = hashlib.blake2b(digest_size=8)
+    for value in values:
+        if value is None:
+            digest.update(b"n;")
+        elif isinstance(value, int):
+            digest.update(b"i%d;" % value)
+        elif isinstance(value, float):
+            digest.update(b"f" + repr(value).encode() + b";")
+        else:
+            raw = bytes(value)
+            digest.update(b"b%d:" % len(raw) + raw)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def read_transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """Several statements that must see one snapshot (a check and the read it vouches for)."""
+    connection.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
 
 
 def json_safe(value: Any) -> Any:
@@ -996,10 +1070,13 @@ class SourceReader:
     def pending_sql(self, mark: Watermark, key: str, locs: Sequence[str]) -> tuple[str, list]:
         """Rows above the watermark. `key` and `locs` are the SQL (or aliases) of key and locator."""
         loc_list = ", ".join(locs)
-        if mark.mode == "rowid":
+        if mark.order == "insertion":
+            # Above the frontier; below it only rows newer than every uploaded row (rows
+            # inserted with explicit low rowids: this predicate is used only after they were seen).
             if mark.loc is None:
                 return "1", []
-            return f"({loc_list}) > {self._marks(mark.loc)}", list(mark.loc)
+            newer = f"{key} IS NOT NULL" if mark.key is None else f"{key} > ?"
+            return f"({loc_list} > ? OR {newer})", [mark.loc[0], *([] if mark.key is None else [mark.key])]
         params: list = []
         if mark.key is None:
             keyed = f"{key} IS NOT NULL"
@@ -1019,24 +1096,16 @@ class SourceReader:
         return f"({keyed} OR {unkeyed})", params
 
     # -- planning ------------------------------------------------------------------------
-    def plan_window(self, connection: sqlite3.Connection, mark: Watermark) -> Window | None:
-        """Fix this cycle's window with one scan; None when nothing is pending."""
+    def plan_window(self, connection: sqlite3.Connection, mark: Watermark) -> tuple[Window | None, int]:
+        """Key order: fix this cycle's window with one scan. Returns the window (None when nothing
+        is pending) and how many rows are settled (at or below the watermark) now."""
         order_desc = ", ".join(f"{t} DESC" for t in self._loc_terms())
         top_row = connection.execute(
             f"SELECT {self.loc_sql} FROM {self.from_sql} ORDER BY {order_desc} LIMIT 1").fetchone()
         if top_row is None:
-            return None
+            return None, 0
         top = list(top_row)
         single = len(top) == 1
-        if mark.mode == "rowid":
-            lower, params = self.pending_sql(mark, "NULL", self._loc_terms())
-            count, first = connection.execute(
-                f"SELECT count(*), min({self.loc_sql}) FROM {self.from_sql} "
-                f"WHERE {self.loc_row} <= {self._marks(top)} AND {lower}", [*top, *params]).fetchone()
-            if not count:
-                return None
-            return Window(top=top, top_key=None, start=[first] if single else None, done=None,
-                          filtered=not single, rows=count)
         aliases = [f"l{i}" for i in range(len(top))]
         pending, params = self.pending_sql(mark, "k", aliases)
         inner = (f"SELECT {self.key_sql} AS k, "
@@ -1050,18 +1119,152 @@ class SourceReader:
         extra = (f", min(l0) FILTER (WHERE {pending}), max(l0) FILTER (WHERE NOT {pending})"
                  if single else ", NULL, NULL")
         repeats = 4 if single else 2
-        count, top_key, first_loc, last_settled = connection.execute(
-            f"SELECT count(*) FILTER (WHERE {pending}), max(k) FILTER (WHERE {pending}){extra} "
+        total, count, top_key, first_loc, last_settled = connection.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE {pending}), max(k) FILTER (WHERE {pending}){extra} "
             f"FROM ({inner} LIMIT -1)", [*(params * repeats), *top]).fetchone()
+        settled = total - count
         if not count:
-            return None
+            return None, settled
         # WITHOUT ROWID tables always read with the key: it tells which rows tie at the top.
         filtered = not single or not self.has_rowid or settled_after(last_settled, first_loc)
         return Window(top=top, top_key=top_key, start=[first_loc] if single else None, done=None,
-                      filtered=filtered, rows=count)
+                      filtered=filtered, rows=count, below=total), settled
 
     def _loc_terms(self) -> list[str]:
         return [self._loc_term(c) for c in self.table.locator]
+
+    # -- insertion order: planning, and the fingerprint at the frontier ------------------
+    def plan_insertion_window(self, connection: sqlite3.Connection, mark: Watermark
+                              ) -> tuple[Window | None, int, int]:
+        """The rows above the frontier, at the cost of the new rows: (window, rows at or below the
+        frontier now, rows that appeared below it since the last count).
+
+        When rows appeared below the frontier, timestamp mode widens the window to those newer
+        than every uploaded row (one filtered scan); the caller reports the rest.
+        """
+        rid = self.loc_sql
+        loc = mark.loc[0] if mark.loc else None
+        above, params = (f"WHERE {rid} > ?", [loc]) if loc is not None else ("", [])
+        with read_transaction(connection):
+            total = connection.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0]
+            top, rows, first, top_key = connection.execute(
+                f"SELECT max({rid}), count(*), min({rid}), max(k) FROM "
+                f"(SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)", params).fetchone()
+        below = total - rows
+        appeared = below - mark.below if loc is not None and mark.below is not None and below > mark.below else 0
+        late = late_key = None
+        if appeared and mark.mode == "timestamp" and self.table.timestamp_col:
+            pending, pending_params = self.pending_sql(mark, "k", [rid])
+            late, late_key = connection.execute(
+                f"SELECT count(*), max(k) FROM (SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} "
+                f"WHERE {rid} <= ? LIMIT -1) WHERE {pending}", [loc, *pending_params]).fetchone()
+        if late:
+            keys = [k for k in (top_key, late_key) if k is not None]
+            window = Window(top=[max(top or loc, loc)], top_key=max(keys) if keys else None, start=None,
+                            done=None, filtered=True, rows=rows + late, below=total)
+            return window, below, appeared
+        if not rows:
+            return None, below, appeared
+        return Window(top=[top], top_key=top_key, start=[first], done=None, filtered=False, rows=rows,
+                      below=total), below, appeared
+
+    def fingerprint_rows(self, connection: sqlite3.Connection, columns: Sequence[str], where: str,
+                         params: Sequence, order: str = "", limit: int | None = None) -> list[list]:
+        """[[rowid, row hash], ...] of the rows `where` selects."""
+        selected = ", ".join(quote_ident(c) for c in columns) or "NULL"
+        sql = (f"SELECT {self.loc_sql}, {selected} FROM {self.from_sql} WHERE {where} "
+               f"ORDER BY {self.loc_sql} {order}" + (f" LIMIT {int(limit)}" if limit else ""))
+        previous = connection.text_factory
+        connection.text_factory = bytes  # a hash of the stored bytes: invalid UTF-8 is fine here
+        try:
+            rows = connection.execute(sql, list(params)).fetchall()
+        finally:
+            connection.text_factory = previous
+        return [[row[0], row_hash(row[1:])] for row in rows]
+
+    def tail_at(self, connection: sqlite3.Connection, loc: int) -> tuple[list, list]:
+        """Fingerprint of the last TAIL_ROWS rows up to `loc`, and the columns it hashed."""
+        columns = self.table.column_names
+        rows = self.fingerprint_rows(connection, columns, f"{self.loc_sql} <= ?", [loc], "DESC", TAIL_ROWS)
+        return rows[::-1], columns
+
+    def check_frontier(self, connection: sqlite3.Connection, loc: int | None, tail: list | None,
+                       columns: list | None) -> int | None:
+        """O(1) check that the frontier's rows are where the cursor left them.
+
+        Returns the frontier to use (lowered when its own row was deleted, so that a later
+        insert reusing the rowid counts as new); raises FrontierMoved when the rows moved.
+        """
+        if loc is None or not tail or columns is None:
+            return loc
+        if not set(columns) <= set(self.table.column_names):
+            LOG.warning("Columns of %r were dropped; the check of the rows at the cursor is skipped once.",
+                        self.table.name)
+            return loc
+        now = self.fingerprint_rows(connection, columns, f"{self.loc_sql} <= ?", [loc], "DESC", TAIL_ROWS)[::-1]
+        if now == tail:
+            return loc
+        # The frontier row alone changed: updated in place, or deleted. The rows below it are
+        # still at their rowids, and they were contiguous, so nothing was renumbered.
+        earlier = [row for row in now if row[0] != loc][-(len(tail) - 1):] if len(tail) > 1 else []
+        contiguous = all(b[0] - a[0] == 1 for a, b in itertools.pairwise(tail))
+        if contiguous and earlier == tail[:-1] and tail[-1][0] == loc:
+            if now and now[-1][0] == loc:
+                LOG.info("The row at the cursor (rowid %s) was changed in place; updates are not uploaded.", loc)
+                return loc
+            lowered = now[-1][0] if now else None
+            LOG.info("The row at the cursor (rowid %s) was deleted; the cursor moves to rowid %s.", loc, lowered)
+            return lowered
+        raise FrontierMoved(loc)
+
+    def relocate(self, connection: sqlite3.Connection, loc: int, tail: list, columns: list
+                 ) -> tuple[int | None, int]:
+        """Find where the fingerprinted rows went, with one scan in rowid order (chunked, so no
+        read transaction is held). Returns (new frontier or None if none of them is left, rows
+        at or below it).
+
+        Every row equal to a tail row is a candidate for the last surviving one; its score is
+        how many of the rows before it match the tail rows before that one. The best score
+        wins; among equals the candidate nearest below the old frontier (a renumbering only
+        moves rows down).
+        """
+        columns = [c for c in columns if c in self.table.column_names]
+        wanted = [row[1] for row in tail]
+        positions: dict[str, list[int]] = {}
+        for index, digest in enumerate(wanted):
+            positions.setdefault(digest, []).append(index)
+        recent: list[str] = []
+        best: tuple[int, int, int] | None = None  # (score, -distance, rowid)
+        best_rank = rank = 0
+        last = None
+        ambiguous = False
+        while True:
+            where, params = (f"{self.loc_sql} > ?", [last]) if last is not None else ("1", [])
+            rows = self.fingerprint_rows(connection, columns, where, params, "", RELOCATE_CHUNK)
+            for rowid, digest in rows:
+                rank += 1
+                recent.append(digest)
+                if len(recent) > len(wanted):
+                    del recent[0]
+                for index in positions.get(digest, ()):
+                    score = sum(a == b for a, b in zip(reversed(recent), reversed(wanted[:index + 1])))
+                    distance = loc - rowid if rowid <= loc else 2**62 + rowid
+                    candidate = (score, -distance, rowid)
+                    if best is not None and score == best[0] and rowid != best[2]:
+                        ambiguous = True
+                    if best is None or candidate > best:
+                        if best is not None and score > best[0]:
+                            ambiguous = False
+                        best, best_rank = candidate, rank
+            if len(rows) < RELOCATE_CHUNK:
+                break
+            last = rows[-1][0]
+        if best is None:
+            return None, 0
+        if ambiguous:
+            LOG.warning("The rows at the cursor match more than one place in %r (identical rows); the one "
+                        "nearest to the old position (rowid %s) is taken.", self.table.name, best[2])
+        return best[2], best_rank
 
     # -- reading -------------------------------------------------------------------------
     def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
@@ -1168,6 +1371,8 @@ class RawBatch:
     last_loc: list | None
     count: int
     ties: list | None = None  # locators of rows whose key equals the window's top key
+    tail: list | None = None  # insertion order: fingerprint of the rows up to last_loc
+    tail_cols: list | None = None
 
 
 @contextlib.contextmanager
@@ -2915,7 +3120,9 @@ class Uploader:
                   "timestamp_col": self.source.timestamp_col, "cursor": self.settings.cursor,
                   "locator": list(self.source.locator)}
         return State(app_id=self.app_id, source=source, target=self.target.describe(),
-                     watermark=Watermark(mode=self.settings.cursor), node_id=self.settings.node_id)
+                     watermark=Watermark(mode=self.settings.cursor,
+                                         order="insertion" if self.reader.has_rowid else "key"),
+                     node_id=self.settings.node_id)
 
     def prepare(self) -> None:
         self.state_file.check_writable()
@@ -3001,8 +3208,17 @@ class Uploader:
         LOG.warning("Batch %d was recorded but not confirmed (interrupted?); loading it again, which the "
                     "target makes a no-op if it already landed.", record.seq)
         connection = self.reader.connect()
+        upper = record.last_loc
         try:
-            raw, report = self._read(connection, before, before.window, 2**62, upper=record.last_loc)
+            end = record.watermark.frontier if before.order == "insertion" else None
+            try:
+                raw, report = self._read(connection, before, before.window, 2**62, upper=upper, check_end=end)
+            except FrontierMoved:
+                moved = self._relocate_batch(connection, before, record)
+                if moved is None:
+                    return
+                before, upper = moved
+                raw, report = self._read(connection, before, before.window, 2**62, upper=upper)
         finally:
             connection.close()
         rows, first_ts, last_ts = self._convert(raw, report, TransformCounts())
@@ -3011,32 +3227,58 @@ class Uploader:
         self.target.write(Batch(record.seq, rows, self.app_id, record.watermark, raw.count, before,
                                 record.last_loc, first_ts, last_ts, replay_method=record.method))
 
+    def _relocate_batch(self, connection: sqlite3.Connection, before: Watermark, record: CommitRecord
+                        ) -> tuple[Watermark, list] | None:
+        """A batch to replay whose rows were renumbered since: find both of its ends again."""
+        assert before.window is not None
+        start, start_tail, start_columns = before.frontier
+        end, end_tail, end_columns = record.watermark.frontier
+        first = None
+        if start is not None and start_tail:
+            first, _ = self.reader.relocate(connection, start, start_tail, start_columns or [])
+        last = self.reader.relocate(connection, end, end_tail, end_columns or [])[0] if end and end_tail else None
+        if last is None:
+            LOG.error("The rows of batch %d were deleted before it could be confirmed; if its first load did not "
+                      "land, they are not in the target.", record.seq)
+            return None
+        tail = columns = None
+        if first is not None:
+            with read_transaction(connection):
+                tail, columns = self.reader.tail_at(connection, first)
+        window = dataclasses.replace(before.window, top=[max(last, first or last)], start=None,
+                                     done=[first] if first is not None else None, tail=tail, tail_cols=columns)
+        marked = dataclasses.replace(before, window=window, loc=[first] if first is not None else None,
+                                     tail=tail, tail_cols=columns)
+        LOG.warning("The rows of batch %d were renumbered since; it is read again at rowids %s..%s.", record.seq,
+                    (first or 0) + 1, last)
+        return marked, [last]
+
     # -- one cycle -----------------------------------------------------------------------
     def run_cycle(self) -> CycleStats:
         started = time.monotonic()
         stats = CycleStats()
         self.resync()
         assert self.state is not None
-        mark = self.state.watermark
-        stats.resumed = mark.window is not None
+        stats.resumed = self.state.watermark.window is not None
         try:
             connection = self.reader.connect()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
         try:
             self._follow_schema(connection)
-            mark = self._check_rowid_restart(connection, mark)
-            if mark.window is None:
-                window = self.reader.plan_window(connection, mark)
-                self._warn_late_rows(connection, mark, window)
-                if window is None:
-                    stats.behind = self._rows_after(connection, mark)
-                    stats.seconds = time.monotonic() - started
-                    return stats
-                mark = dataclasses.replace(mark, window=window)
-                LOG.info("Window planned: %d pending row(s) up to locator %s%s.", window.rows, window.top,
-                         "" if not window.filtered else " (interleaved rows: reading with the key filter)")
-            self._drain_window(connection, mark, stats)
+            # A window ends early when the rows at the frontier moved under it (renumbered):
+            # the rest is planned again at once, from where those rows are now.
+            for _ in range(3):
+                mark = self.state.watermark
+                if mark.window is None:
+                    window = self._plan(connection)
+                    if window is None:
+                        break
+                    mark = dataclasses.replace(self.state.watermark, window=window)
+                    LOG.info("Window planned: %d pending row(s) up to locator %s%s.", window.rows, window.top,
+                             "" if not window.filtered else " (interleaved rows: reading with the key filter)")
+                if not self._drain_window(connection, mark, stats):
+                    break
             stats.behind = self._rows_after(connection, self.state.watermark)
         except sqlite3.DatabaseError as exc:
             if sqlite_corrupt(exc):
@@ -3049,41 +3291,94 @@ class Uploader:
         stats.seconds = time.monotonic() - started
         return stats
 
-    def _check_rowid_restart(self, connection: sqlite3.Connection, mark: Watermark) -> Watermark:
-        """Rowid mode: a table emptied and refilled, recreated or replaced numbers its rows from 1 again.
-
-        Seen as every rowid being below the cursor's; the cursor then starts again from the
-        bottom. (Deleting the newest rows while keeping older ones looks the same, and those
-        older rows would be uploaded again: see README, Deleted rows.)
-        """
-        if mark.mode != "rowid" or not self.reader.has_rowid or mark.loc is None or mark.window is not None:
-            return mark
-        top = connection.execute(f"SELECT max(rowid) FROM {self.reader.from_sql}").fetchone()[0]
-        if top is None or top >= mark.loc[0]:
-            return mark
-        LOG.warning("Every rowid of %r is now below the cursor's (%s < %s): the table was emptied and refilled, "
-                    "recreated or replaced. Uploading its rows from the first.", self.source.name, top, mark.loc[0])
-        mark = dataclasses.replace(mark, loc=None, null_loc=None)
+    def _set_mark(self, mark: Watermark) -> None:
+        """A cursor change that uploads nothing (a check, a relocation): kept in the state file."""
         assert self.state is not None
-        self.state = dataclasses.replace(self.state, watermark=mark)
-        return mark
+        if mark != self.state.watermark:
+            self.state = dataclasses.replace(self.state, watermark=mark)
+            self._save_state(self.state)
 
-    def _warn_late_rows(self, connection: sqlite3.Connection, mark: Watermark, window: Window | None) -> None:
-        """Timestamp mode: say so when rows added since the last window carry older timestamps.
+    def _plan(self, connection: sqlite3.Connection) -> Window | None:
+        """The next window, after the checks its order needs; None when nothing is pending."""
+        assert self.state is not None
+        mark = self.state.watermark
+        if mark.order == "key" and self.reader.has_rowid:
+            # A cursor from before insertion order: every row up to its locator is settled.
+            LOG.info("Cursor converted to insertion order (rows above rowid %s are new).", mark.loc)
+            mark = dataclasses.replace(mark, order="insertion", null_loc=None, ties=None)
+        if mark.order == "key":
+            window, settled = self.reader.plan_window(connection, mark)
+            if mark.below is not None and settled > mark.below:
+                self._report_late_keys(settled - mark.below, mark)
+            self._set_mark(dataclasses.replace(mark, below=settled))
+            return window
+        mark = self._check_frontier(connection, mark)
+        window, below, appeared = self.reader.plan_insertion_window(connection, mark)
+        if appeared:
+            self._report_low_inserts(appeared, window, mark)
+        self._set_mark(dataclasses.replace(mark, below=below))
+        return window
 
-        They are behind the cursor and will not be uploaded (the README's trade-off); rows added
-        later are told by their rowid, so this works for rowid tables only.
-        """
-        if mark.mode != "timestamp" or not self.reader.has_rowid or mark.loc is None or mark.key is None:
+    def _check_frontier(self, connection: sqlite3.Connection, mark: Watermark) -> Watermark:
+        """Insertion order: are the rows at the frontier still there? If not, find them."""
+        loc, tail, columns = mark.frontier
+        try:
+            with read_transaction(connection):
+                checked = self.reader.check_frontier(connection, loc, tail, columns)
+                if loc is not None and not tail:  # a cursor without fingerprint yet (older state file)
+                    tail, columns = self.reader.tail_at(connection, loc)
+        except FrontierMoved:
+            return self._relocated(connection, mark)
+        if checked != loc:
+            if checked is None:
+                return dataclasses.replace(mark, loc=None, tail=None, tail_cols=None, below=0)
+            tail, columns = self.reader.tail_at(connection, checked)
+            return dataclasses.replace(mark, loc=[checked], tail=tail, tail_cols=columns)
+        return dataclasses.replace(mark, tail=tail, tail_cols=columns)
+
+    def _relocated(self, connection: sqlite3.Connection, mark: Watermark) -> Watermark:
+        """The cursor after the rows at its frontier moved: at their new place, or at the start
+        of the table when none of them is left. Any window in progress ends there."""
+        loc, tail, columns = mark.frontier
+        assert loc is not None and tail and columns is not None
+        found, rank = self.reader.relocate(connection, loc, tail, columns)
+        if found is None:
+            LOG.warning("None of the rows uploaded last is in %r any more (rowid %s and before): the table was "
+                        "emptied, recreated or replaced, or every uploaded row was deleted. Every row it holds "
+                        "now is new: uploading from its first row.", self.source.name, loc)
+            return dataclasses.replace(mark, loc=None, null_loc=None, tail=None, tail_cols=None, below=0,
+                                       window=None)
+        LOG.warning("The rows of %r were renumbered (VACUUM after deletes?): the last uploaded row, rowid %s, is now "
+                    "rowid %s. Continuing after it; nothing is uploaded twice or skipped.", self.source.name, loc,
+                    found)
+        with read_transaction(connection):
+            new_tail, new_columns = self.reader.tail_at(connection, found)
+        return dataclasses.replace(mark, loc=[found], null_loc=None, tail=new_tail, tail_cols=new_columns,
+                                   below=rank, window=None)
+
+    def _report_low_inserts(self, appeared: int, window: Window | None, mark: Watermark) -> None:
+        """Rows showed up at or below the frontier: inserted with explicit low rowids."""
+        frontier = mark.loc[0] if mark.loc else None
+        if window is not None and window.filtered:
+            LOG.warning("%d row(s) appeared at rowids at or below %s (inserted with explicit low rowids); the table is "
+                        "scanned once for them, and those with a timestamp newer than every uploaded row are "
+                        "uploaded.", appeared, frontier)
             return
-        upper = f" AND rowid <= {int(window.top[0])}" if window is not None else ""
-        added = connection.execute(f"SELECT count(*) FROM {self.reader.from_sql} WHERE rowid > ?{upper}",
-                                   [mark.loc[0]]).fetchone()[0]
-        late = added - (window.rows if window is not None else 0)
-        if late > 0:
-            LOG.warning("%d row(s) written since the last cycle have a timestamp older than the cursor (%s) and "
-                        "are not uploaded in timestamp mode. Set cursor: rowid to upload every new row "
-                        "whatever its timestamp.", late, micros_to_iso(mark.last_upload) or mark.key)
+        why = ("cursor: rowid cannot tell them from rows already uploaded" if mark.mode == "rowid" else
+               "none has a timestamp newer than every uploaded row, so they cannot be told from rows already "
+               "uploaded")
+        LOG.warning("%d row(s) appeared at rowids at or below %s since the last cycle (inserted with explicit low "
+                    "rowids) and are NOT uploaded: %s. Let SQLite choose the rowids of new rows (leave the rowid / "
+                    "INTEGER PRIMARY KEY out of the INSERT)%s.", appeared, frontier, why,
+                    ", or use cursor: timestamp, which uploads such rows when they are newer than the upload"
+                    if mark.mode == "rowid" else "")
+
+    def _report_late_keys(self, late: int, mark: Watermark) -> None:
+        LOG.warning("%d row(s) were added to the WITHOUT ROWID table %r with a timestamp at or before the cursor "
+                    "(%s) and are NOT uploaded: its rows are found by (timestamp, primary key), and these cannot "
+                    "be told from rows already uploaded (a clock that stepped back?). Give the table a rowid "
+                    "(recreate it without WITHOUT ROWID) so that new rows are found by insertion order.", late,
+                    self.source.name, micros_to_iso(mark.last_upload) or mark.key)
 
     def _rows_after(self, connection: sqlite3.Connection, mark: Watermark) -> int:
         if mark.loc is None or mark.window is not None:
@@ -3092,15 +3387,20 @@ class Uploader:
             f"SELECT count(*) FROM {self.reader.from_sql} WHERE {self.reader.loc_row} > "
             f"{self.reader._marks(mark.loc)}", mark.loc).fetchone()[0]
 
-    def _drain_window(self, connection: sqlite3.Connection, mark: Watermark, stats: CycleStats) -> None:
-        """Read the window batch by batch; each batch's commit overlaps the next read."""
+    def _drain_window(self, connection: sqlite3.Connection, mark: Watermark, stats: CycleStats) -> bool:
+        """Read the window batch by batch; each batch's commit overlaps the next read. True when
+        the window ended early because the rows at its frontier moved (plan again)."""
         assert self.state is not None
+        relocated = False
         seq = self.state.batch_seq
         in_flight: tuple[Future, Batch | None, Watermark] | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload") as pool:
             try:
                 while mark.window is not None and not self.stop.is_set():
-                    batch, mark = self._next_batch(connection, mark, seq + 1, stats)
+                    try:
+                        batch, mark = self._next_batch(connection, mark, seq + 1, stats)
+                    except FrontierMoved:
+                        batch, mark, relocated = None, self._relocated(connection, mark), True
                     if in_flight is not None:
                         self._finish(in_flight, stats)
                     if batch is None:
@@ -3115,6 +3415,7 @@ class Uploader:
                 if in_flight is not None:  # a read failed: let the commit in flight end first
                     with contextlib.suppress(Exception):
                         self._finish(in_flight, stats)
+        return relocated
 
     def _finish(self, in_flight: tuple[Future, Batch | None, Watermark], stats: CycleStats) -> None:
         future, batch, mark = in_flight
@@ -3158,7 +3459,9 @@ class Uploader:
         ties = None
         if window.ties is not None or raw.ties is not None:
             ties = (window.ties or []) + (raw.ties or [])
-        if finished:
+        if finished and mark.order == "insertion":
+            mark = self._insertion_mark_after(mark, window, raw, last_upload)
+        elif finished:
             if mark.mode == "timestamp":
                 key = window.top_key if window.top_key is not None else mark.key
                 loc = window.top if window.top_key is not None else mark.loc
@@ -3168,11 +3471,25 @@ class Uploader:
                 mark = Watermark("rowid", None, list(window.top), list(window.top), last_upload, None)
         else:
             progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count,
-                                             ties=ties)
+                                             ties=ties, tail=raw.tail, tail_cols=raw.tail_cols)
             mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
         if rows is None or rows.num_rows == 0:
             return None, mark
         return Batch(seq, rows, self.app_id, mark, raw.count, before, raw.last_loc, first_ts, last_ts), mark
+
+    @staticmethod
+    def _insertion_mark_after(mark: Watermark, window: Window, raw: RawBatch, last_upload: int | None
+                              ) -> Watermark:
+        """Insertion order, window finished: the frontier is the last row read (a row deleted
+        above it since planning leaves its rowid free for a new row, which must count as new)."""
+        if raw.last_loc is not None:
+            loc, tail, columns = raw.last_loc, raw.tail, raw.tail_cols
+        else:
+            frontier, tail, columns = mark.frontier
+            loc = [frontier] if frontier is not None else None
+        keys = [k for k in (mark.key, window.top_key) if k is not None]
+        return Watermark(mark.mode, max(keys) if keys else None, loc, None, last_upload, None, None,
+                         order="insertion", tail=tail, tail_cols=columns, below=window.below)
 
     def _final_ties(self, mark: Watermark, window: Window, ties: list | None) -> list | None:
         """Primary keys already uploaded at the new watermark's timestamp (WITHOUT ROWID tables)."""
@@ -3188,7 +3505,7 @@ class Uploader:
         return ties
 
     def _read(self, connection: sqlite3.Connection, mark: Watermark, window: Window, limit: int,
-              upper: list | None = None) -> tuple[RawBatch, ConversionReport]:
+              upper: list | None = None, check_end: tuple | None = None) -> tuple[RawBatch, ConversionReport]:
         """Read rows and turn each fetched chunk into an Arrow record batch of the target's types."""
         import pyarrow as pa
 
@@ -3206,7 +3523,22 @@ class Uploader:
                       for values, kind, name in zip(columns, types, names)]
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
-        return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
+        if mark.order != "insertion":
+            return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
+        # The check of the frontier, the read and the new fingerprint see one snapshot: rows
+        # renumbered in between cannot slip into a batch.
+        frontier, tail, columns = mark.frontier
+        with read_transaction(connection):
+            if self.reader.check_frontier(connection, frontier, tail, columns) != frontier:
+                raise FrontierMoved(frontier)  # its row was deleted: plan again from below it
+            if check_end is not None and upper is not None:
+                end, end_tail, end_columns = check_end
+                if self.reader.check_frontier(connection, end, end_tail, end_columns) != end:
+                    raise FrontierMoved(end)
+            raw = self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert)
+            if raw.last_loc is not None:
+                raw.tail, raw.tail_cols = self.reader.tail_at(connection, raw.last_loc[0])
+        return raw, report
 
     def _convert(self, raw: RawBatch, report: ConversionReport, removed: TransformCounts
                  ) -> tuple[Any, int | None, int | None]:

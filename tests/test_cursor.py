@@ -325,7 +325,7 @@ def test_an_unreadable_timestamp_is_uploaded_and_never_blocks_newer_rows(pipe: P
 
 
 # ---------------------------------------------------------------------------------------------
-# Late rows: rowid mode catches them; timestamp mode, by design, does not
+# Late rows: both modes find new rows by insertion order, whatever their timestamps
 # ---------------------------------------------------------------------------------------------
 
 
@@ -338,21 +338,14 @@ def _late_rows_scenario(pipe: Pipeline, *mode: str) -> None:
     pipe.run("--batch-size", "3", *mode)
 
 
-def test_rowid_cursor_uploads_late_rows_with_older_timestamps(pipe: Pipeline):
-    _late_rows_scenario(pipe, "--cursor", "rowid")
+@pytest.mark.parametrize("mode", [(), ("--cursor", "rowid")], ids=["default", "rowid"])
+def test_late_rows_with_older_timestamps_are_uploaded_once(pipe: Pipeline, mode: tuple[str, ...]):
+    _late_rows_scenario(pipe, *mode)
     pipe.assert_exactly_once()
     assert sum(1 for row in pipe.target() if row["device"] == "offline") == 5
-    pipe.run("--cursor", "rowid")
+    result = pipe.run(*mode)
     assert sum(pipe.target_ids().values()) == 15
-
-
-def test_timestamp_cursor_skips_late_rows_with_older_timestamps_by_design(pipe: Pipeline):
-    """The documented trade-off of timestamp mode: rows older than what was uploaded stay behind."""
-    _late_rows_scenario(pipe)
-    devices = Counter(row["device"] for row in pipe.target())
-    assert "offline" not in devices
-    assert sum(devices.values()) == 10  # the newer rows still arrive, once
-    assert max(pipe.target_ids().values()) == 1
+    assert "not uploaded" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

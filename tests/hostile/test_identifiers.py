@@ -78,9 +78,12 @@ def expected_rows(db: Path, ids: set[int], table: str = "readings") -> list[dict
 
 
 FIRST = [(i, BASE + timedelta(seconds=i)) for i in range(1, 4)]
-# A newer row, a late row older than the cursor (not uploaded in timestamp mode, by design -- and it
-# makes the next read use the cursor-key filter, whose SQL names the columns again), a newer one.
-SECOND = [(4, BASE + timedelta(minutes=5)), (5, BASE - timedelta(days=1)), (6, BASE + timedelta(minutes=6))]
+# A newer row, a late row older than the cursor (uploaded: rows are new by insertion order), a newer
+# one, and one inserted with an explicit id below the uploaded ones and a newer timestamp: it makes
+# the next read scan with the cursor-key filter, whose SQL names the columns again.
+SECOND = [(4, BASE + timedelta(minutes=5)), (5, BASE - timedelta(days=1)), (6, BASE + timedelta(minutes=6)),
+          (0, BASE + timedelta(minutes=7))]
+EVERY_ID = {0, 1, 2, 3, 4, 5, 6}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +102,7 @@ def test_hostile_column_names_arrive_exactly_on_delta(tmp_path):
     add_rows(place.db, SECOND)
     second = place.run("--timestamp-col", "ts")
     assert second.returncode == 0, second.stderr
-    assert_same_rows(read_delta_rows(place.lake), expected_rows(place.db, {1, 2, 3, 4, 6}),
-                     "second run (row 5 is older than the cursor: not uploaded, by design)")
+    assert_same_rows(read_delta_rows(place.lake), expected_rows(place.db, EVERY_ID), "second run")
 
     info = place.run("--run-query", "INFO")
     assert info.returncode == 0, info.stderr
@@ -123,7 +125,7 @@ def test_hostile_column_names_arrive_exactly_on_databricks(healthy_emulator: Emu
     assert second.returncode == 0, second.stderr[-6000:]
     rows = both_views(healthy_emulator, schema, "readings")
     assert list(rows[0]) == ["id", "ts", *HOSTILE_COLUMNS]
-    assert_same_rows(rows, expected_rows(db, {1, 2, 3, 4, 6}), "Databricks, two runs")
+    assert_same_rows(rows, expected_rows(db, EVERY_ID), "Databricks, two runs")
 
 
 # ---------------------------------------------------------------------------------------------
