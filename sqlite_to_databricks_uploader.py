@@ -918,6 +918,10 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
 # no snapshot is held while a batch uploads. Rows written meanwhile belong to the next window.
 
 TAIL_ROWS = 16  # rows fingerprinted at the frontier
+# Counting a table's rows reads all its pages (about 11 ns a row): every cycle while that is
+# cheap, then once an hour (or when the clock jumps), so that a cycle's cost follows its new rows.
+COUNT_EVERY_CYCLE_BELOW = 200_000
+COUNT_EVERY = 3600.0
 RELOCATE_CHUNK = 20_000  # rows per read while looking for the fingerprinted rows
 
 
@@ -960,7 +964,8 @@ class Watermark:
     order: str = "key"
     tail: list | None = None  # [[rowid, row hash], ...] of the last rows up to `loc`
     tail_cols: list | None = None  # the columns `tail` hashed, in table order
-    below: int | None = None  # rows at or below `loc` when last counted
+    below: int | None = None  # rows at or below `loc`: counted, plus the rows read since
+    counted_at: float | None = None  # when `below` was last counted (unix seconds)
 
     def to_json(self) -> dict:
         return json_safe(dataclasses.asdict(self))
@@ -1135,9 +1140,9 @@ class SourceReader:
 
     # -- insertion order: planning, and the fingerprint at the frontier ------------------
     def plan_insertion_window(self, connection: sqlite3.Connection, mark: Watermark
-                              ) -> tuple[Window | None, int, int]:
+                              ) -> tuple[Window | None, int, int, bool]:
         """The rows above the frontier, at the cost of the new rows: (window, rows at or below the
-        frontier now, rows that appeared below it since the last count).
+        frontier now, rows that appeared below it since the last count, whether rows were counted).
 
         When rows appeared below the frontier, timestamp mode widens the window to those newer
         than every uploaded row (one filtered scan); the caller reports the rest.
@@ -1145,11 +1150,15 @@ class SourceReader:
         rid = self.loc_sql
         loc = mark.loc[0] if mark.loc else None
         above, params = (f"WHERE {rid} > ?", [loc]) if loc is not None else ("", [])
+        count_now = mark.below is None or mark.below < COUNT_EVERY_CYCLE_BELOW or mark.counted_at is None or \
+            abs(time.time() - mark.counted_at) >= COUNT_EVERY
         with read_transaction(connection):
-            total = connection.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0]
+            total = connection.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0] if count_now else None
             top, rows, first, top_key = connection.execute(
                 f"SELECT max({rid}), count(*), min({rid}), max(k) FROM "
                 f"(SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)", params).fetchone()
+        if total is None:  # between counts: what the windows read since the last one
+            total = (mark.below or 0) + rows
         below = total - rows
         appeared = below - mark.below if loc is not None and mark.below is not None and below > mark.below else 0
         late = late_key = None
@@ -1162,11 +1171,11 @@ class SourceReader:
             keys = [k for k in (top_key, late_key) if k is not None]
             window = Window(top=[max(top or loc, loc)], top_key=max(keys) if keys else None, start=None,
                             done=None, filtered=True, rows=rows + late, below=total)
-            return window, below, appeared
+            return window, below, appeared, count_now
         if not rows:
-            return None, below, appeared
+            return None, below, appeared, count_now
         return Window(top=[top], top_key=top_key, start=[first], done=None, filtered=False, rows=rows,
-                      below=total), below, appeared
+                      below=total), below, appeared, count_now
 
     def fingerprint_rows(self, connection: sqlite3.Connection, columns: Sequence[str], where: str,
                          params: Sequence, order: str = "", limit: int | None = None) -> list[list]:
@@ -3313,9 +3322,11 @@ class Uploader:
             self._set_mark(dataclasses.replace(mark, below=settled))
             return window
         mark = self._check_frontier(connection, mark)
-        window, below, appeared = self.reader.plan_insertion_window(connection, mark)
+        window, below, appeared, counted = self.reader.plan_insertion_window(connection, mark)
         if appeared:
             self._report_low_inserts(appeared, window, mark)
+        if counted and below >= COUNT_EVERY_CYCLE_BELOW:
+            mark = dataclasses.replace(mark, counted_at=time.time())
         self._set_mark(dataclasses.replace(mark, below=below))
         return window
 
@@ -3357,19 +3368,19 @@ class Uploader:
                                    below=rank, window=None)
 
     def _report_low_inserts(self, appeared: int, window: Window | None, mark: Watermark) -> None:
-        """Rows showed up at or below the frontier: inserted with explicit low rowids."""
+        """More rows at or below the frontier than last counted: rows inserted with explicit low rowids."""
         frontier = mark.loc[0] if mark.loc else None
+        seen = (f"The table has {appeared} more row(s) at rowids at or below {frontier} than at the last cycle: rows "
+                "were inserted there with explicit rowids")
         if window is not None and window.filtered:
-            LOG.warning("%d row(s) appeared at rowids at or below %s (inserted with explicit low rowids); the table is "
-                        "scanned once for them, and those with a timestamp newer than every uploaded row are "
-                        "uploaded.", appeared, frontier)
+            LOG.warning("%s. The table is scanned once for them: those with a timestamp newer than every uploaded "
+                        "row are uploaded; older ones cannot be told from rows already uploaded.", seen)
             return
         why = ("cursor: rowid cannot tell them from rows already uploaded" if mark.mode == "rowid" else
                "none has a timestamp newer than every uploaded row, so they cannot be told from rows already "
                "uploaded")
-        LOG.warning("%d row(s) appeared at rowids at or below %s since the last cycle (inserted with explicit low "
-                    "rowids) and are NOT uploaded: %s. Let SQLite choose the rowids of new rows (leave the rowid / "
-                    "INTEGER PRIMARY KEY out of the INSERT)%s.", appeared, frontier, why,
+        LOG.warning("%s, and they are NOT uploaded: %s. Let SQLite choose the rowids of new rows (leave the rowid / "
+                    "INTEGER PRIMARY KEY out of the INSERT)%s.", seen, why,
                     ", or use cursor: timestamp, which uploads such rows when they are newer than the upload"
                     if mark.mode == "rowid" else "")
 
@@ -3489,7 +3500,8 @@ class Uploader:
             loc = [frontier] if frontier is not None else None
         keys = [k for k in (mark.key, window.top_key) if k is not None]
         return Watermark(mark.mode, max(keys) if keys else None, loc, None, last_upload, None, None,
-                         order="insertion", tail=tail, tail_cols=columns, below=window.below)
+                         order="insertion", tail=tail, tail_cols=columns, below=window.below,
+                         counted_at=mark.counted_at)
 
     def _final_ties(self, mark: Watermark, window: Window, ties: list | None) -> list | None:
         """Primary keys already uploaded at the new watermark's timestamp (WITHOUT ROWID tables)."""
