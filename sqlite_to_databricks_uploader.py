@@ -923,6 +923,7 @@ TAIL_ROWS = 16  # rows fingerprinted at the frontier
 COUNT_EVERY_CYCLE_BELOW = 200_000
 COUNT_EVERY = 3600.0
 RELOCATE_CHUNK = 20_000  # rows per read while looking for the fingerprinted rows
+FINGERPRINT_BYTES = 256  # of a long TEXT or BLOB value, hashed with its length
 
 
 class FrontierMoved(Exception):
@@ -1179,8 +1180,12 @@ class SourceReader:
 
     def fingerprint_rows(self, connection: sqlite3.Connection, columns: Sequence[str], where: str,
                          params: Sequence, order: str = "", limit: int | None = None) -> list[list]:
-        """[[rowid, row hash], ...] of the rows `where` selects."""
-        selected = ", ".join(quote_ident(c) for c in columns) or "NULL"
+        """[[rowid, row hash], ...] of the rows `where` selects. A long TEXT or BLOB value is hashed
+        by its first FINGERPRINT_BYTES and its length: a fingerprint of 16 rows of images stays small."""
+        selected = ", ".join(
+            f"CASE WHEN typeof({q}) IN ('text', 'blob') AND length({q}) > {FINGERPRINT_BYTES} "
+            f"THEN substr({q}, 1, {FINGERPRINT_BYTES}) || '...' || length({q}) ELSE {q} END"
+            for q in map(quote_ident, columns)) or "NULL"
         sql = (f"SELECT {self.loc_sql}, {selected} FROM {self.from_sql} WHERE {where} "
                f"ORDER BY {self.loc_sql} {order}" + (f" LIMIT {int(limit)}" if limit else ""))
         previous = connection.text_factory
@@ -3338,6 +3343,7 @@ class Uploader:
                 checked = self.reader.check_frontier(connection, loc, tail, columns)
                 if loc is not None and not tail:  # a cursor without fingerprint yet (older state file)
                     tail, columns = self.reader.tail_at(connection, loc)
+                    checked = tail[-1][0] if tail else None
         except FrontierMoved:
             return self._relocated(connection, mark)
         if checked != loc:
@@ -3477,7 +3483,7 @@ class Uploader:
                 key = window.top_key if window.top_key is not None else mark.key
                 loc = window.top if window.top_key is not None else mark.loc
                 mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None,
-                                 self._final_ties(mark, window, ties))
+                                 self._final_ties(mark, window, ties), below=window.below)
             else:
                 mark = Watermark("rowid", None, list(window.top), list(window.top), last_upload, None)
         else:

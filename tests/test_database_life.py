@@ -306,3 +306,52 @@ def test_random_lives_keep_every_row_exactly_once(tmp_path_factory):
     example()
     print(f"\n{tally['runs']} complete runs checked against the ledger, {tally['kills']} SIGKILLs")
     assert tally["kills"] >= 20, tally
+
+
+def test_without_rowid_table_reports_rows_it_cannot_upload(tmp_path: Path):
+    """A WITHOUT ROWID table has no insertion order: rows added later with older timestamps cannot be
+    told from uploaded ones. They are not uploaded, and the log says how many, why and what to do."""
+    db = tmp_path / "events.db"
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        connection.execute("CREATE TABLE events (key TEXT PRIMARY KEY, ts TEXT, v REAL) WITHOUT ROWID")
+        connection.executemany("INSERT INTO events VALUES (?, ?, ?)",
+                               [(f"k{i:03d}", f"2026-06-01 12:00:{i:02d}", i) for i in range(10)])
+    args = ["--sqlite", str(db), "--state-dir", str(tmp_path / "state"), "--delta-path", str(tmp_path / "lake"),
+            "--once"]
+    assert run_uploader(*args, cwd=tmp_path).returncode == 0
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        connection.executemany("INSERT INTO events VALUES (?, ?, ?)",
+                               [(f"late{i}", f"2026-05-01 00:00:0{i}", i) for i in range(3)]
+                               + [(f"new{i}", f"2026-06-01 13:00:0{i}", i) for i in range(2)])
+    result = run_uploader(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    keys = Counter(read_delta(tmp_path / "lake").column("key").to_pylist())
+    assert keys == Counter([f"k{i:03d}" for i in range(10)] + ["new0", "new1"])
+    assert "3 row(s) were added to the WITHOUT ROWID table 'events'" in result.stderr, result.stderr
+    assert "Give the table a rowid" in result.stderr
+
+
+def test_a_cursor_written_by_the_previous_version_keeps_working(node: Node):
+    """State files from before insertion order: their cursor is converted on the first cycle."""
+    import json
+
+    import sqlite_to_databricks_uploader as uploader
+
+    node.device.append(30)
+    node.run()
+    path = node.root / "state" / "upload_state.json"
+    state = json.loads(path.read_text())
+    cursor = state["cursor"]
+    state["cursor"] = {"mode": cursor["mode"], "key": cursor["key"], "loc": cursor["loc"], "null_loc": cursor["loc"],
+                       "last_upload": cursor["last_upload"], "window": None, "ties": None}
+    state["checksum"] = uploader.state_checksum(state)
+    path.write_text(json.dumps(state))
+    node.device.step_back(3600)
+    node.device.append(10)
+    node.run()
+    node.assert_exactly_once()
+    node.device.retention(20)
+    node.device.vacuum()
+    node.device.append(5)
+    node.run()
+    node.assert_exactly_once()
