@@ -926,6 +926,51 @@ RELOCATE_CHUNK = 20_000  # rows per read while looking for the fingerprinted row
 FINGERPRINT_BYTES = 256  # of a long TEXT or BLOB value, hashed with its length
 
 
+MAX_CANDIDATES = 1000  # rows sharing the tail's timestamps, checked one by one; more: hash every row
+
+
+def probe_value(kind: bytes | str | None, value: Any) -> Any:
+    """A stored timestamp as Python gets it back from SQLite with text as str (None: unusable)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes) and kind in (b"text", "text"):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value
+
+
+@dataclass
+class Relocation:
+    """The search for the fingerprinted rows: the best candidate so far (see SourceReader.relocate)."""
+
+    tail: list
+    loc: int
+    best: tuple[int, int, int] | None = None  # (score, -distance from the old frontier, rowid)
+    rank: int | None = None  # rows at or below the best candidate, when the scan counted them
+    ambiguous: bool = False
+    positions: dict = field(default_factory=dict)  # row hash -> its indexes in the tail
+
+    def __post_init__(self) -> None:
+        for index, row in enumerate(self.tail):
+            self.positions.setdefault(row[1], []).append(index)
+
+    def consider(self, rowid: int, recent: Sequence[str], rank: int | None) -> None:
+        """`recent`: the hashes of the rows up to this one, in rowid order (this one last)."""
+        wanted = [row[1] for row in self.tail]
+        for index in self.positions.get(recent[-1] if recent else None, ()):
+            score = sum(a == b for a, b in zip(reversed(recent), reversed(wanted[:index + 1])))
+            distance = self.loc - rowid if rowid <= self.loc else 2**62 + rowid
+            candidate = (score, -distance, rowid)
+            if self.best is not None and score == self.best[0] and rowid != self.best[2]:
+                self.ambiguous = True
+            if self.best is None or candidate > self.best:
+                if self.best is not None and score > self.best[0]:
+                    self.ambiguous = False
+                self.best, self.rank = candidate, rank
+
+
 class FrontierMoved(Exception):
     """The rows at the frontier are not where the cursor left them (renumbered or replaced)."""
 
@@ -1180,13 +1225,17 @@ class SourceReader:
 
     def fingerprint_rows(self, connection: sqlite3.Connection, columns: Sequence[str], where: str,
                          params: Sequence, order: str = "", limit: int | None = None) -> list[list]:
-        """[[rowid, row hash], ...] of the rows `where` selects. A long TEXT or BLOB value is hashed
-        by its first FINGERPRINT_BYTES and its length: a fingerprint of 16 rows of images stays small."""
+        """[[rowid, row hash, probe], ...] of the rows `where` selects. A long TEXT or BLOB value is
+        hashed by its first FINGERPRINT_BYTES and its length: a fingerprint of 16 rows of images
+        stays small. The probe is the row's timestamp as stored (None without one): it lets
+        SQLite find a fingerprinted row again without hashing the whole table."""
         selected = ", ".join(
             f"CASE WHEN typeof({q}) IN ('text', 'blob') AND length({q}) > {FINGERPRINT_BYTES} "
             f"THEN substr({q}, 1, {FINGERPRINT_BYTES}) || '...' || length({q}) ELSE {q} END"
             for q in map(quote_ident, columns)) or "NULL"
-        sql = (f"SELECT {self.loc_sql}, {selected} FROM {self.from_sql} WHERE {where} "
+        ts = self.table.timestamp_col
+        probe = f"typeof({quote_ident(ts)}), {quote_ident(ts)}" if ts in columns else "NULL, NULL"
+        sql = (f"SELECT {self.loc_sql}, {probe}, {selected} FROM {self.from_sql} WHERE {where} "
                f"ORDER BY {self.loc_sql} {order}" + (f" LIMIT {int(limit)}" if limit else ""))
         previous = connection.text_factory
         connection.text_factory = bytes  # a hash of the stored bytes: invalid UTF-8 is fine here
@@ -1194,7 +1243,7 @@ class SourceReader:
             rows = connection.execute(sql, list(params)).fetchall()
         finally:
             connection.text_factory = previous
-        return [[row[0], row_hash(row[1:])] for row in rows]
+        return [[row[0], row_hash(row[3:]), probe_value(row[1], row[2])] for row in rows]
 
     def tail_at(self, connection: sqlite3.Connection, loc: int) -> tuple[list, list]:
         """Fingerprint of the last TAIL_ROWS rows up to `loc`, and the columns it hashed."""
@@ -1233,52 +1282,61 @@ class SourceReader:
 
     def relocate(self, connection: sqlite3.Connection, loc: int, tail: list, columns: list
                  ) -> tuple[int | None, int]:
-        """Find where the fingerprinted rows went, with one scan in rowid order (chunked, so no
-        read transaction is held). Returns (new frontier or None if none of them is left, rows
-        at or below it).
+        """Find where the fingerprinted rows went. Returns (new frontier, or None if none of them
+        is left; rows at or below it).
 
         Every row equal to a tail row is a candidate for the last surviving one; its score is
         how many of the rows before it match the tail rows before that one. The best score
         wins; among equals the candidate nearest below the old frontier (a renumbering only
-        moves rows down).
+        moves rows down). Candidates come from SQLite by the rows' timestamps when every tail
+        row has one; otherwise one scan in rowid order hashes every row (chunked, so no read
+        transaction is held).
         """
         columns = [c for c in columns if c in self.table.column_names]
-        wanted = [row[1] for row in tail]
-        positions: dict[str, list[int]] = {}
-        for index, digest in enumerate(wanted):
-            positions.setdefault(digest, []).append(index)
+        search = Relocation(tail, loc)
+        probes = {row[2] for row in tail} if all(row[2] is not None for row in tail) else set()
+        ts = self.table.timestamp_col
+        if probes and ts in columns:
+            marks = ", ".join("?" for _ in probes)
+            candidates = [row[0] for row in connection.execute(
+                f"SELECT {self.loc_sql} FROM {self.from_sql} WHERE {quote_ident(ts)} IN ({marks}) "
+                f"ORDER BY {self.loc_sql} LIMIT {MAX_CANDIDATES + 1}", list(probes))]
+            if len(candidates) <= MAX_CANDIDATES:
+                for rowid in candidates:
+                    rows = self.fingerprint_rows(connection, columns, f"{self.loc_sql} <= ?", [rowid], "DESC",
+                                                 len(tail))
+                    search.consider(rowid, [row[1] for row in rows[::-1]], rank=None)
+                return self._relocation_result(connection, search)
         recent: list[str] = []
-        best: tuple[int, int, int] | None = None  # (score, -distance, rowid)
-        best_rank = rank = 0
+        rank = 0
         last = None
-        ambiguous = False
         while True:
             where, params = (f"{self.loc_sql} > ?", [last]) if last is not None else ("1", [])
             rows = self.fingerprint_rows(connection, columns, where, params, "", RELOCATE_CHUNK)
-            for rowid, digest in rows:
+            for rowid, digest, _ in rows:
                 rank += 1
                 recent.append(digest)
-                if len(recent) > len(wanted):
+                if len(recent) > len(tail):
                     del recent[0]
-                for index in positions.get(digest, ()):
-                    score = sum(a == b for a, b in zip(reversed(recent), reversed(wanted[:index + 1])))
-                    distance = loc - rowid if rowid <= loc else 2**62 + rowid
-                    candidate = (score, -distance, rowid)
-                    if best is not None and score == best[0] and rowid != best[2]:
-                        ambiguous = True
-                    if best is None or candidate > best:
-                        if best is not None and score > best[0]:
-                            ambiguous = False
-                        best, best_rank = candidate, rank
+                if digest in search.positions:
+                    search.consider(rowid, recent, rank)
             if len(rows) < RELOCATE_CHUNK:
                 break
             last = rows[-1][0]
-        if best is None:
+        return self._relocation_result(connection, search)
+
+    def _relocation_result(self, connection: sqlite3.Connection, search: Relocation) -> tuple[int | None, int]:
+        if search.best is None:
             return None, 0
-        if ambiguous:
+        found = search.best[2]
+        if search.ambiguous:
             LOG.warning("The rows at the cursor match more than one place in %r (identical rows); the one "
-                        "nearest to the old position (rowid %s) is taken.", self.table.name, best[2])
-        return best[2], best_rank
+                        "nearest to the old position (rowid %s) is taken.", self.table.name, found)
+        rank = search.rank
+        if rank is None:
+            rank = connection.execute(f"SELECT count(*) FROM {self.from_sql} WHERE {self.loc_sql} <= ?",
+                                      [found]).fetchone()[0]
+        return found, rank
 
     # -- reading -------------------------------------------------------------------------
     def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,

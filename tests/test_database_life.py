@@ -355,3 +355,23 @@ def test_a_cursor_written_by_the_previous_version_keeps_working(node: Node):
     node.device.append(5)
     node.run()
     node.assert_exactly_once()
+
+
+def test_vacuum_of_a_table_without_timestamps(tmp_path: Path):
+    """No timestamp to find the fingerprinted rows by: every row is hashed once instead."""
+    db = tmp_path / "counts.db"
+    ledger = [f"u{i}" for i in range(80)]
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        connection.execute("CREATE TABLE counts (uid TEXT, value REAL)")
+        connection.executemany("INSERT INTO counts VALUES (?, ?)", [(uid, 1.0) for uid in ledger[:60]])
+    args = ["--sqlite", str(db), "--state-dir", str(tmp_path / "state"), "--delta-path", str(tmp_path / "lake"),
+            "--once", "--cursor", "rowid"]
+    assert run_uploader(*args, cwd=tmp_path).returncode == 0
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as connection:
+        connection.execute("DELETE FROM counts WHERE rowid <= 25")
+        connection.execute("VACUUM")
+        connection.executemany("INSERT INTO counts VALUES (?, ?)", [(uid, 1.0) for uid in ledger[60:]])
+    result = run_uploader(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "renumbered" in result.stderr, result.stderr
+    assert not ledger_report(Counter(read_delta(tmp_path / "lake").column("uid").to_pylist()), ledger)
