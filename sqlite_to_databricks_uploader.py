@@ -55,7 +55,7 @@ from urllib.parse import quote
 
 TOOL_NAME = "sqlite_to_databricks_uploader"
 TOOL_VERSION = "1.0.0"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the cursor's insertion order (fields order, tail, below)
 LOG = logging.getLogger(TOOL_NAME)
 
 EXIT_OK = 0
@@ -525,6 +525,7 @@ class SourceTable:
     columns: tuple[Column, ...]
     locator: tuple[str, ...]  # ("rowid",) or the primary key of a WITHOUT ROWID table
     timestamp_col: str | None
+    rowid_alias: bool = False  # an INTEGER PRIMARY KEY: rowids survive VACUUM
 
     @property
     def column_names(self) -> list[str]:
@@ -722,7 +723,9 @@ def describe_source(settings: Settings) -> SourceTable:
         raise ConfigError(f"Cannot read the schema of {path}: {exc}.") from None
     finally:
         connection.close()
-    return SourceTable(table, columns, locator, timestamp_col)
+    alias = (locator[0] in ("rowid", "_rowid_", "oid") and len(primary_key) == 1
+             and any(c.name == primary_key[0] and c.declared_type.strip().upper() == "INTEGER" for c in columns))
+    return SourceTable(table, columns, locator, timestamp_col, alias)
 
 
 # --- Timestamps: SQLite keeps them as TEXT, INTEGER (unix s/ms/us) or REAL (Julian day or unix s)
@@ -946,8 +949,7 @@ class Relocation:
     """The search for the fingerprinted rows: the best candidate so far (see SourceReader.relocate)."""
 
     tail: list
-    loc: int
-    best: tuple[int, int, int] | None = None  # (score, -distance from the old frontier, rowid)
+    best: tuple[int, int, int] | None = None  # (score, tail index matched, -rowid)
     rank: int | None = None  # rows at or below the best candidate, when the scan counted them
     ambiguous: bool = False
     positions: dict = field(default_factory=dict)  # row hash -> its indexes in the tail
@@ -957,18 +959,29 @@ class Relocation:
             self.positions.setdefault(row[1], []).append(index)
 
     def consider(self, rowid: int, recent: Sequence[str], rank: int | None) -> None:
-        """`recent`: the hashes of the rows up to this one, in rowid order (this one last)."""
+        """`recent`: the hashes of the rows up to this one, in rowid order (this one last). Its
+        score for tail row j: the longest run of tail rows up to j found in `recent` in order
+        (rows deleted or inserted among them do not break it)."""
         wanted = [row[1] for row in self.tail]
         for index in self.positions.get(recent[-1] if recent else None, ()):
-            score = sum(a == b for a, b in zip(reversed(recent), reversed(wanted[:index + 1])))
-            distance = self.loc - rowid if rowid <= self.loc else 2**62 + rowid
-            candidate = (score, -distance, rowid)
-            if self.best is not None and score == self.best[0] and rowid != self.best[2]:
+            candidate = (common_subsequence(recent, wanted[:index + 1]), index, -rowid)
+            if self.best is not None and candidate[:2] == self.best[:2] and rowid != -self.best[2]:
                 self.ambiguous = True
             if self.best is None or candidate > self.best:
-                if self.best is not None and score > self.best[0]:
+                if self.best is not None and candidate[:2] > self.best[:2]:
                     self.ambiguous = False
                 self.best, self.rank = candidate, rank
+
+
+def common_subsequence(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common subsequence (both at most TAIL_ROWS long)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
 
 
 class FrontierMoved(Exception):
@@ -989,7 +1002,9 @@ class Window:
     ties: list | None = None  # primary keys read so far with key == top_key (WITHOUT ROWID tables)
     tail: list | None = None  # insertion order: fingerprint of the rows up to `done`
     tail_cols: list | None = None  # the columns that fingerprint hashed
-    below: int | None = None  # insertion order: rows at or below `top` once the window is read
+    below: int | None = None  # insertion order: rows at or below the frontier when planned
+    read_above: int = 0  # insertion order: rows read so far above the frontier
+    key_read: int | None = None  # the highest cursor key read so far (filtered reads)
 
 
 @dataclass
@@ -1032,9 +1047,14 @@ class Watermark:
     def frontier(self) -> tuple[int | None, list | None, list | None]:
         """Insertion order: the last row read, and the fingerprint of the rows up to it."""
         window = self.window
-        if window is not None and window.done is not None:
+        # A filtered window reads rows below the frontier first: its own position counts once above it.
+        if window is not None and window.done is not None and (not self.loc or window.done[0] > self.loc[0]):
             return window.done[0], window.tail, window.tail_cols
         return (self.loc[0] if self.loc else None), self.tail, self.tail_cols
+
+
+def highest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def row_hash(values: Sequence) -> str:
@@ -1216,12 +1236,12 @@ class SourceReader:
         if late:
             keys = [k for k in (top_key, late_key) if k is not None]
             window = Window(top=[max(top or loc, loc)], top_key=max(keys) if keys else None, start=None,
-                            done=None, filtered=True, rows=rows + late, below=total)
+                            done=None, filtered=True, rows=rows + late, below=below)
             return window, below, appeared, count_now
         if not rows:
             return None, below, appeared, count_now
         return Window(top=[top], top_key=top_key, start=[first], done=None, filtered=False, rows=rows,
-                      below=total), below, appeared, count_now
+                      below=below), below, appeared, count_now
 
     def fingerprint_rows(self, connection: sqlite3.Connection, columns: Sequence[str], where: str,
                          params: Sequence, order: str = "", limit: int | None = None) -> list[list]:
@@ -1253,10 +1273,13 @@ class SourceReader:
 
     def check_frontier(self, connection: sqlite3.Connection, loc: int | None, tail: list | None,
                        columns: list | None) -> int | None:
-        """O(1) check that the frontier's rows are where the cursor left them.
+        """O(1) check that the fingerprinted rows are where the cursor left them: the rows at
+        the tail's rowids are read again.
 
-        Returns the frontier to use (lowered when its own row was deleted, so that a later
-        insert reusing the rowid counts as new); raises FrontierMoved when the rows moved.
+        Returns the frontier to use: the same; lower when the newest uploaded rows were deleted
+        (nothing moved: a later insert reusing their rowids counts as new); lower by one row when
+        only the frontier row changed in a table whose rowids VACUUM renumbers (it may be the
+        next row moved down: uploaded, never skipped). Raises FrontierMoved when rows moved.
         """
         if loc is None or not tail or columns is None:
             return loc
@@ -1264,20 +1287,25 @@ class SourceReader:
             LOG.warning("Columns of %r were dropped; the check of the rows at the cursor is skipped once.",
                         self.table.name)
             return loc
-        now = self.fingerprint_rows(connection, columns, f"{self.loc_sql} <= ?", [loc], "DESC", TAIL_ROWS)[::-1]
-        if now == tail:
-            return loc
-        # The frontier row alone changed: updated in place, or deleted. The rows below it are
-        # still at their rowids, and they were contiguous, so nothing was renumbered.
-        earlier = [row for row in now if row[0] != loc][-(len(tail) - 1):] if len(tail) > 1 else []
+        rowids = [row[0] for row in tail]
+        marks = ", ".join("?" for _ in rowids)
+        now = {row[0]: row for row in self.fingerprint_rows(connection, columns, f"{self.loc_sql} IN ({marks})",
+                                                             rowids)}
+        same = [row for row in tail if now.get(row[0]) == row]
+        changed = [row for row in tail if row[0] in now and now[row[0]] != row]
+        if same and not changed:  # nothing moved; some rows may be gone
+            if same[-1][0] != loc:
+                LOG.info("The newest uploaded row(s) of %r were deleted; the cursor moves back to rowid %s.",
+                         self.table.name, same[-1][0])
+            return same[-1][0]
         contiguous = all(b[0] - a[0] == 1 for a, b in itertools.pairwise(tail))
-        if contiguous and earlier == tail[:-1] and tail[-1][0] == loc:
-            if now and now[-1][0] == loc:
+        if same and changed == [tail[-1]] and contiguous and len(same) == len(tail) - 1:
+            if self.table.rowid_alias:
                 LOG.info("The row at the cursor (rowid %s) was changed in place; updates are not uploaded.", loc)
                 return loc
-            lowered = now[-1][0] if now else None
-            LOG.info("The row at the cursor (rowid %s) was deleted; the cursor moves to rowid %s.", loc, lowered)
-            return lowered
+            LOG.info("The row at the cursor (rowid %s) changed: updated in place, or the next row moved there "
+                     "(VACUUM). It is uploaded.", loc)
+            return same[-1][0]
         raise FrontierMoved(loc)
 
     def relocate(self, connection: sqlite3.Connection, loc: int, tail: list, columns: list
@@ -1286,14 +1314,14 @@ class SourceReader:
         is left; rows at or below it).
 
         Every row equal to a tail row is a candidate for the last surviving one; its score is
-        how many of the rows before it match the tail rows before that one. The best score
-        wins; among equals the candidate nearest below the old frontier (a renumbering only
-        moves rows down). Candidates come from SQLite by the rows' timestamps when every tail
+        how many of the tail rows up to that one precede it, in order. The best score wins, then
+        the later tail row; among equals (identical rows) the lowest rowid, so that doubt
+        uploads a row twice rather than never. Candidates come from SQLite by the rows' timestamps when every tail
         row has one; otherwise one scan in rowid order hashes every row (chunked, so no read
         transaction is held).
         """
         columns = [c for c in columns if c in self.table.column_names]
-        search = Relocation(tail, loc)
+        search = Relocation(tail)
         probes = {row[2] for row in tail} if all(row[2] is not None for row in tail) else set()
         ts = self.table.timestamp_col
         if probes and ts in columns:
@@ -1328,10 +1356,11 @@ class SourceReader:
     def _relocation_result(self, connection: sqlite3.Connection, search: Relocation) -> tuple[int | None, int]:
         if search.best is None:
             return None, 0
-        found = search.best[2]
+        found = -search.best[2]
         if search.ambiguous:
-            LOG.warning("The rows at the cursor match more than one place in %r (identical rows); the one "
-                        "nearest to the old position (rowid %s) is taken.", self.table.name, found)
+            LOG.warning("The rows at the cursor match more than one place in %r (identical rows); the lowest "
+                        "(rowid %s) is taken: rows after it are uploaded, even if some were before.",
+                        self.table.name, found)
         rank = search.rank
         if rank is None:
             rank = connection.execute(f"SELECT count(*) FROM {self.from_sql} WHERE {self.loc_sql} <= ?",
@@ -1374,7 +1403,8 @@ class SourceReader:
             sql = f"{select} ORDER BY {order} LIMIT {int(limit)}"
         skip = 1 if window.filtered else 0
         track_ties = window.filtered and window.top_key is not None and not self.has_rowid
-        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns))
+        above = mark.loc[0] if window.filtered and mark.order == "insertion" and mark.loc else None
+        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns), above)
         try:
             raw = fetch_chunks(connection, sql, params, shape)
         except sqlite3.OperationalError as exc:
@@ -1399,6 +1429,7 @@ class ChunkShape:
     track_ties: bool
     top_key: int | None
     convert: Callable[[Sequence[tuple]], Any]
+    above: int | None = None  # count the rows whose (single) locator is above this; None: count all
 
 
 FETCH_ROWS = 4096  # rows per fetchmany: small enough to stay in the CPU caches
@@ -1414,6 +1445,12 @@ def fetch_chunks(connection: sqlite3.Connection, sql: str, params: Sequence, sha
             while rows := cursor.fetchmany(FETCH_ROWS):
                 raw.count += len(rows)
                 raw.last_loc = list(rows[-1][shape.skip:first])
+                threshold = shape.above
+                raw.above += len(rows) if threshold is None else sum(row[shape.skip] > threshold for row in rows)
+                if shape.skip:
+                    keys = [row[0] for row in rows if row[0] is not None]
+                    if keys:
+                        raw.max_key = max(keys) if raw.max_key is None else max(raw.max_key, *keys)
                 if raw.ties is not None:
                     raw.ties += [list(row[1:first]) for row in rows if row[0] == shape.top_key]
                 raw.chunks.append(shape.convert(list(zip(*rows))[first:]))
@@ -1445,6 +1482,8 @@ class RawBatch:
     ties: list | None = None  # locators of rows whose key equals the window's top key
     tail: list | None = None  # insertion order: fingerprint of the rows up to last_loc
     tail_cols: list | None = None
+    above: int = 0  # rows read with a locator above ChunkShape.above
+    max_key: int | None = None  # the highest cursor key read (reads with the key only)
 
 
 @contextlib.contextmanager
@@ -3376,8 +3415,11 @@ class Uploader:
         mark = self.state.watermark
         if mark.order == "key" and self.reader.has_rowid:
             # A cursor from before insertion order: every row up to its locator is settled.
-            LOG.info("Cursor converted to insertion order (rows above rowid %s are new).", mark.loc)
-            mark = dataclasses.replace(mark, order="insertion", null_loc=None, ties=None)
+            # Rows with unreadable timestamps were done up to null_loc, the others up to loc.
+            done = max((m[0] for m in (mark.loc, mark.null_loc) if m), default=None)
+            LOG.info("Cursor converted to insertion order (rows above rowid %s are new).", done)
+            mark = dataclasses.replace(mark, order="insertion", loc=[done] if done is not None else None,
+                                       null_loc=None, ties=None)
         if mark.order == "key":
             window, settled = self.reader.plan_window(connection, mark)
             if mark.below is not None and settled > mark.below:
@@ -3390,7 +3432,11 @@ class Uploader:
             self._report_low_inserts(appeared, window, mark)
         if counted and below >= COUNT_EVERY_CYCLE_BELOW:
             mark = dataclasses.replace(mark, counted_at=time.time())
-        self._set_mark(dataclasses.replace(mark, below=below))
+        if not (window is not None and window.filtered):
+            # The new count stands now, except while rows below the frontier wait to be read: then
+            # it lands with the window, and a run killed before that counts them again.
+            mark = dataclasses.replace(mark, below=below)
+        self._set_mark(mark)
         return window
 
     def _check_frontier(self, connection: sqlite3.Connection, mark: Watermark) -> Watermark:
@@ -3416,18 +3462,30 @@ class Uploader:
         of the table when none of them is left. Any window in progress ends there."""
         loc, tail, columns = mark.frontier
         assert loc is not None and tail and columns is not None
-        found, rank = self.reader.relocate(connection, loc, tail, columns)
-        if found is None:
-            LOG.warning("None of the rows uploaded last is in %r any more (rowid %s and before): the table was "
-                        "emptied, recreated or replaced, or every uploaded row was deleted. Every row it holds "
-                        "now is new: uploading from its first row.", self.source.name, loc)
-            return dataclasses.replace(mark, loc=None, null_loc=None, tail=None, tail_cols=None, below=0,
-                                       window=None)
-        LOG.warning("The rows of %r were renumbered (VACUUM after deletes?): the last uploaded row, rowid %s, is now "
-                    "rowid %s. Continuing after it; nothing is uploaded twice or skipped.", self.source.name, loc,
-                    found)
-        with read_transaction(connection):
-            new_tail, new_columns = self.reader.tail_at(connection, found)
+        hashes = {row[1] for row in tail}
+        for _ in range(3):
+            found, rank = self.reader.relocate(connection, loc, tail, columns)
+            if found is None:
+                LOG.warning("None of the rows uploaded last is in %r any more (rowid %s and before): the table was "
+                            "emptied, recreated or replaced, or every uploaded row was deleted. Every row it holds "
+                            "now is new: uploading from its first row.", self.source.name, loc)
+                return dataclasses.replace(mark, loc=None, null_loc=None, tail=None, tail_cols=None, below=0,
+                                           window=None)
+            with read_transaction(connection):  # the search reads in chunks: is the row still there?
+                new_tail, new_columns = self.reader.tail_at(connection, found)
+                there = self.reader.fingerprint_rows(connection, columns, f"{self.reader.loc_sql} = ?", [found])
+            if there and there[0][1] in hashes:
+                break
+        else:
+            raise TransientError(f"The rows of {self.source.name!r} keep moving while the uploader looks for the last "
+                                 "uploaded one (VACUUM running?); trying again.")
+        if found == loc:
+            LOG.info("The last uploaded rows of %r are at their place (rowid %s); some rows near them changed.",
+                     self.source.name, loc)
+        else:
+            LOG.warning("The rows of %r were renumbered (VACUUM after deletes?): the last uploaded row, rowid %s, is "
+                        "now rowid %s. Continuing after it; nothing is uploaded twice or skipped.", self.source.name,
+                        loc, found)
         return dataclasses.replace(mark, loc=[found], null_loc=None, tail=new_tail, tail_cols=new_columns,
                                    below=rank, window=None)
 
@@ -3546,7 +3604,9 @@ class Uploader:
                 mark = Watermark("rowid", None, list(window.top), list(window.top), last_upload, None)
         else:
             progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count,
-                                             ties=ties, tail=raw.tail, tail_cols=raw.tail_cols)
+                                             ties=ties, tail=raw.tail, tail_cols=raw.tail_cols,
+                                             read_above=window.read_above + raw.above,
+                                             key_read=highest(window.key_read, raw.max_key))
             mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
         if rows is None or rows.num_rows == 0:
             return None, mark
@@ -3556,15 +3616,19 @@ class Uploader:
     def _insertion_mark_after(mark: Watermark, window: Window, raw: RawBatch, last_upload: int | None
                               ) -> Watermark:
         """Insertion order, window finished: the frontier is the last row read (a row deleted
-        above it since planning leaves its rowid free for a new row, which must count as new)."""
+        above it since planning leaves its rowid free for a new row, which must count as new),
+        never below the frontier the window started from (a filtered window reads rows below it)."""
         if raw.last_loc is not None:
-            loc, tail, columns = raw.last_loc, raw.tail, raw.tail_cols
+            loc, tail, columns = raw.last_loc[0], raw.tail, raw.tail_cols
         else:
-            frontier, tail, columns = mark.frontier
-            loc = [frontier] if frontier is not None else None
-        keys = [k for k in (mark.key, window.top_key) if k is not None]
-        return Watermark(mark.mode, max(keys) if keys else None, loc, None, last_upload, None, None,
-                         order="insertion", tail=tail, tail_cols=columns, below=window.below,
+            loc, tail, columns = mark.frontier
+        if mark.loc and (loc is None or loc < mark.loc[0]):
+            loc, tail, columns = mark.loc[0], mark.tail, mark.tail_cols
+        # Rows read that the plan did not know (inserted below the frontier meanwhile) count too.
+        keys = [k for k in (mark.key, window.top_key, window.key_read, raw.max_key) if k is not None]
+        below = None if window.below is None else window.below + window.read_above + raw.above
+        return Watermark(mark.mode, max(keys) if keys else None, [loc] if loc is not None else None, None,
+                         last_upload, None, None, order="insertion", tail=tail, tail_cols=columns, below=below,
                          counted_at=mark.counted_at)
 
     def _final_ties(self, mark: Watermark, window: Window, ties: list | None) -> list | None:

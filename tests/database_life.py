@@ -33,6 +33,7 @@ class Device:
         self.path = path
         self.rng = rng or random.Random(7)
         self.clock = CLOCK_START
+        self.newest = CLOCK_START  # the latest timestamp written so far
         self.ledger: list[str] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as connection:
@@ -48,6 +49,7 @@ class Device:
         for index in range(count):
             if not ties or index % 3 == 0:
                 self.clock += timedelta(seconds=self.rng.choice([1, 2, 5]))
+                self.newest = max(self.newest, self.clock)
             uid = uuid.uuid4().hex
             style = self.rng.randrange(6)  # every way applications store datetimes
             rows.append((uid, format_timestamp(self.clock, style), f"s{self.rng.randrange(4)}",
@@ -57,6 +59,24 @@ class Device:
         connection.close()
         self.ledger += [row[0] for row in rows]
         return [row[0] for row in rows]
+
+    def insert_low(self, count: int) -> int:
+        """Rows with explicit rowids in free places below the highest rowid (an application that
+        writes its own ids), dated after every row written so far. Returns how many fitted."""
+        with self._connect() as connection:
+            used = {row[0] for row in connection.execute(f"SELECT rowid FROM {TABLE}")}
+            low = min(used, default=1)
+            free = [rowid for rowid in range(low, max(used, default=0)) if rowid not in used][:count]
+            free += list(range(low - 1, low - 1 - (count - len(free)), -1))  # or below the lowest rowid
+            rows = []
+            for rowid in free:
+                self.newest += timedelta(seconds=1)
+                rows.append((rowid, uuid.uuid4().hex, format_timestamp(self.newest, 0), "low", 0.0))
+            connection.executemany(f"INSERT INTO {TABLE} (rowid, uid, timestamp, sensor, value) "
+                                   "VALUES (?, ?, ?, ?, ?)", rows)
+        connection.close()
+        self.ledger += [row[1] for row in rows]
+        return len(rows)
 
     def step_back(self, seconds: float) -> None:
         """A reboot without a real-time clock: the next rows carry older timestamps."""
