@@ -127,8 +127,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("timestamp_col", "TIMESTAMP_COL", "str", None,
            "Column holding each row's time. Default: detected from declared types, names and values."),
     Option("cursor", "CURSOR", "choice", "timestamp",
-           "What decides which rows are new: 'timestamp' (a (timestamp, rowid) keyset) or 'rowid' "
-           "(insertion order, for append-only tables whose rows may carry older timestamps).",
+           "Both find new rows by insertion order in rowid tables, whatever their timestamps. 'timestamp' also "
+           "uploads rows inserted below the cursor's rowid when they are newer than every uploaded row, and is "
+           "the only choice for WITHOUT ROWID tables ((timestamp, key) keyset); 'rowid' needs no timestamp.",
            choices=("timestamp", "rowid")),
     Option("source_timezone", "SOURCE_TIMEZONE", "str", "UTC",
            "Time zone of timestamps stored without an offset (IANA name such as Europe/Berlin)."),
