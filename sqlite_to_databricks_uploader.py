@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -2011,6 +2012,7 @@ class Batch:
     first_ts: int | None = None
     last_ts: int | None = None
     replay_method: str | None = None  # a replayed batch: how the target first tried to load it
+    staged_file: str | None = None  # a replayed batch: the staged file its record names
 
 
 @dataclass(frozen=True)
@@ -2028,6 +2030,7 @@ class CommitRecord:
     before: Watermark | None = None
     last_loc: list | None = None
     method: str | None = None  # how the target loaded (or began to load) the batch
+    staged_file: str | None = None  # Databricks bulk path: the file name the batch was staged under
 
 
 class Target(Protocol):
@@ -2468,6 +2471,7 @@ class DatabricksTarget:
         self.table_name = table_name
         self.node_id = settings.node_id
         self.lineage = [LINEAGE_CHOICES[c] for c in settings.lineage_columns]
+        self.records_files = True  # the progress table has its staged_file column
         if table_name.lower() == PROGRESS_TABLE:
             raise ConfigError(f"The target table cannot be named {PROGRESS_TABLE}: the uploader keeps its progress "
                               "records there. Set databricks_table to another name.")
@@ -2689,15 +2693,35 @@ class DatabricksTarget:
             self.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.qualified(PROGRESS_TABLE)} (app_id STRING, seq BIGINT, "
                 "node_id STRING, watermark STRING, before STRING, last_loc STRING, row_count BIGINT, "
-                "recorded_at TIMESTAMP, load_method STRING)", doing="creating the progress table")
-        elif self.describe_columns(PROGRESS_TABLE) is None:
+                "recorded_at TIMESTAMP, load_method STRING, staged_file STRING)", doing="creating the progress table")
+        progress_columns = self.describe_columns(PROGRESS_TABLE)
+        if progress_columns is None:
             raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
                               "create_table is off. Create it (see README) or allow create_table.")
+        self._ensure_staged_file_column(progress_columns)
         self.method = self._choose_method()
         if self.method == "insert" and "_batch_id" not in self.lineage:
             raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
                               "exactly-once: add batch_id to lineage_columns (LINEAGE_COLUMNS=batch_id), or "
                               "give the uploader a usable staging volume.")
+
+    def _ensure_staged_file_column(self, columns: dict[str, str]) -> None:
+        """Progress tables made before staged files were named per attempt lack the column."""
+        if "staged_file" in {c.lower() for c in columns}:
+            return
+        if not self.settings.create_table:
+            self.records_files = False
+            LOG.warning("The progress table %s has no staged_file column and create_table is off: staged files are "
+                        "named by batch number alone, and a batch number used again after a reset would be skipped "
+                        "by COPY INTO. Add it: ALTER TABLE %s ADD COLUMNS (staged_file STRING).",
+                        self.qualified(PROGRESS_TABLE), self.qualified(PROGRESS_TABLE))
+            return
+        try:
+            self.execute(f"ALTER TABLE {self.qualified(PROGRESS_TABLE)} ADD COLUMNS (staged_file STRING)",
+                         doing="adding staged_file to the progress table")
+        except UploaderError as exc:  # another node was first, or a re-sent ALTER
+            if "already exists" not in str(exc).lower() and "ALREADY_EXISTS" not in str(exc).upper():
+                raise
 
     def _choose_method(self) -> str:
         setting = (self.settings.staging_volume or "auto").strip()
@@ -2718,7 +2742,7 @@ class DatabricksTarget:
         try:
             if self.settings.create_table:
                 self.execute(f"CREATE VOLUME IF NOT EXISTS {name}", doing="creating the staging volume")
-            probe = f"{self.volume_dir(None)}/.probe-{os.getpid()}"
+            probe = f"{self.volume_dir(None)}/.probe-{uuid.uuid4().hex}"  # pids repeat across containers
             import io
 
             self.execute(f"PUT '__input_stream__' INTO '{probe}' OVERWRITE", input_stream=io.BytesIO(b"ok"),
@@ -2777,26 +2801,29 @@ class DatabricksTarget:
     def committed(self, app_id: str) -> CommitRecord | None:
         if self.columns is None and self.describe_columns(PROGRESS_TABLE) is None:
             return None
+        staged = "staged_file" if self.records_files else "NULL"
         rows = self.execute(
-            f"SELECT seq, watermark, before, last_loc, load_method FROM {self.qualified(PROGRESS_TABLE)} "
+            f"SELECT seq, watermark, before, last_loc, load_method, {staged} FROM {self.qualified(PROGRESS_TABLE)} "
             "WHERE app_id = :app ORDER BY seq DESC LIMIT 1", {"app": app_id}, fetch=True,
             doing="reading the progress table")
         if not rows:
             return None
-        seq, watermark, before, last_loc, method = rows[0]
+        seq, watermark, before, last_loc, method, staged_file = rows[0]
         return CommitRecord(int(seq), Watermark.from_json(json.loads(watermark)), complete=False,
                             before=Watermark.from_json(json.loads(before)),
-                            last_loc=json_restore(json.loads(last_loc)), method=method)
+                            last_loc=json_restore(json.loads(last_loc)), method=method, staged_file=staged_file)
 
-    def _record(self, batch: Batch, method: str) -> None:
+    def _record(self, batch: Batch, method: str, staged_file: str | None = None) -> None:
         """The batch's record, written before its rows: what a restart must replay, and how."""
+        staged = (", staged_file", ", :staged") if self.records_files else ("", "")
         self.execute(
             f"INSERT INTO {self.qualified(PROGRESS_TABLE)} (app_id, seq, node_id, watermark, before, last_loc, "
-            "row_count, recorded_at, load_method) VALUES (:app, :seq, :node, :mark, :before, :last, :rows, "
-            "current_timestamp(), :method)",
+            f"row_count, recorded_at, load_method{staged[0]}) VALUES (:app, :seq, :node, :mark, :before, :last, "
+            f":rows, current_timestamp(), :method{staged[1]})",
             {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
              "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
-             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method},
+             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method,
+             **({"staged": staged_file} if self.records_files else {})},
             doing=f"recording batch {batch.seq}")
 
     # -- loading -------------------------------------------------------------------------
@@ -2845,15 +2872,40 @@ class DatabricksTarget:
         pq.write_table(rows, buffer, compression="zstd")
         buffer.seek(0)
         directory = self.volume_dir(batch.app_id)
-        file_name = f"batch-{batch.seq:012d}.parquet"
+        # COPY INTO skips a file name it loaded before, even with other content, and its load
+        # history outlives TRUNCATE and DELETE: a name is never used for two attempts. The
+        # record names the file first, so a replay stages the same rows under the same name.
+        replay = batch.replay_method is not None
+        if replay:
+            file_name = batch.staged_file or f"batch-{batch.seq:012d}.parquet"  # records from before names
+        elif self.records_files:
+            file_name = f"batch-{batch.seq:012d}-{uuid.uuid4().hex[:16]}.parquet"
+        else:
+            file_name = f"batch-{batch.seq:012d}.parquet"
+        self._record(batch, "copy", file_name)
         self.execute(f"PUT '__input_stream__' INTO '{directory}/{file_name}' OVERWRITE", input_stream=buffer,
                      doing=f"staging batch {batch.seq}")
-        self._record(batch, "copy")
         result = self.execute(
             f"COPY INTO {self.full_name} FROM '{directory}' FILEFORMAT = PARQUET FILES = ('{file_name}') "
             "COPY_OPTIONS ('mergeSchema' = 'true')", fetch=True, doing=f"loading batch {batch.seq}")
         LOG.debug("COPY INTO batch %d: %s", batch.seq, result)
+        self._check_copied(batch, rows.num_rows, result, f"{directory}/{file_name}")
         self.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
+
+    def _check_copied(self, batch: Batch, expected: int, result: list, path: str) -> None:
+        """COPY INTO loads all of the file or nothing: nothing when it loaded it before (a replay, or
+        a statement the connector sent again after a lost answer). Anything else is not exactly-once."""
+        inserted = copy_inserted_rows(result)
+        if inserted is None or inserted == expected:
+            return
+        if inserted == 0:
+            LOG.info("Batch %d was already loaded (%s); COPY INTO skipped it.",
+                     batch.seq, "a replay" if batch.replay_method else "the statement was sent again")
+            return
+        raise ConfigError(f"COPY INTO loaded {inserted} of the {expected} rows of batch {batch.seq} from {path}: the "
+                          "table or its load history does not match what the uploader staged (was the file changed, "
+                          "or the table altered while loading?). Nothing more is loaded; check the table's rows of "
+                          "this batch, then run again.")
 
     def _write_insert(self, batch: Batch, rows: Any) -> None:
         self._record(batch, "insert")
@@ -2911,6 +2963,16 @@ class DatabricksTarget:
 
 
 MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
+
+
+def copy_inserted_rows(result: list) -> int | None:
+    """num_inserted_rows of a COPY INTO result (None when the answer does not say)."""
+    if not result:
+        return None
+    row = result[0]
+    values = row.asDict() if hasattr(row, "asDict") else {}
+    value = values.get("num_inserted_rows")
+    return int(value) if value is not None else None
 
 
 def safe_file_part(text: str) -> str:
@@ -3337,7 +3399,8 @@ class Uploader:
         if rows is None or rows.num_rows == 0:
             return
         self.target.write(Batch(record.seq, rows, self.app_id, record.watermark, raw.count, before,
-                                record.last_loc, first_ts, last_ts, replay_method=record.method))
+                                record.last_loc, first_ts, last_ts, replay_method=record.method,
+                                staged_file=record.staged_file))
 
     def _relocate_batch(self, connection: sqlite3.Connection, before: Watermark, record: CommitRecord
                         ) -> tuple[Watermark, list] | None:

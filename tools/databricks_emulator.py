@@ -685,6 +685,11 @@ COPY_RE = re.compile(
     r"^COPY\s+INTO\s+(?P<table>[\w`.]+)\s+FROM\s+(?P<src>'(?:[^']|'')*'|\()", re.I | re.S)
 COPY_FMT_RE = re.compile(r"\bFILEFORMAT\s*=\s*(\w+)", re.I)
 REPLACE_TABLE_RE = re.compile(r"^CREATE\s+OR\s+REPLACE\s+TABLE\s+([\w`.]+)", re.I | re.S)
+# TRUNCATE TABLE t / DELETE FROM t [WHERE ...]: the table name, then the rest.
+TRUNCATE_RE = re.compile(r"^TRUNCATE\s+TABLE\s+((?:`(?:[^`]|``)+`|[\w]+)(?:\.(?:`(?:[^`]|``)+`|[\w]+)){0,2})\s*$",
+                         re.I | re.S)
+DELETE_RE = re.compile(r"^DELETE\s+FROM\s+((?:`(?:[^`]|``)+`|[\w]+)(?:\.(?:`(?:[^`]|``)+`|[\w]+)){0,2})"
+                       r"(?:\s+WHERE\s+(?P<where>.+))?\s*$", re.I | re.S)
 
 
 def split_name(name: str) -> list[str]:
@@ -846,6 +851,9 @@ class Engine:
             sql = re.sub(r"^CREATE\s+OR\s+REPLACE\s+TABLE", "CREATE TABLE", sql, flags=re.I)
         if kind == "INSERT":
             return self._insert(sess, sql, args)
+        m = TRUNCATE_RE.match(sql) if kind == "TRUNCATE" else DELETE_RE.match(sql) if kind == "DELETE" else None
+        if m:
+            return self._remove_rows(sess, m.group(1), m.groupdict().get("where"), args)
         df = sess.sql(sql, args=args) if args is not None else sess.sql(sql)
         table = df.toArrow()
         if table.num_columns == 0:
@@ -875,6 +883,33 @@ class Engine:
         table = pa.table({"num_affected_rows": pa.array([n], pa.int64()),
                           "num_inserted_rows": pa.array([n], pa.int64())})
         return Result(table, num_modified_rows=n)
+
+    # ---- TRUNCATE / DELETE: rows go, the COPY INTO load history stays (it is in the Delta log) ----
+    def _remove_rows(self, sess: Any, table_name: str, where: str | None, args: Any) -> Result:
+        if not self.spark.catalog.tableExists(table_name):
+            raise SqlError(f"[TABLE_OR_VIEW_NOT_FOUND] The table or view {table_name} cannot be found. "
+                           "Verify the spelling and correctness of the schema and catalog.", "42P01")
+        location = self._table_location(table_name)
+        history = self.storage.read_history(location)
+        before = sess.table(table_name)
+        kept = None
+        removed = before.count()
+        if where is not None:
+            condition = f"coalesce(({where}), false)"
+            if args is not None:  # bind the parameters through a query, then keep its rows
+                kept = sess.sql(f"SELECT * FROM {table_name} WHERE NOT {condition}", args=args)
+            else:
+                kept = before.where(f"NOT {condition}")
+            kept = kept.localCheckpoint(eager=True)  # read before the files go
+            removed -= kept.count()
+        sess.sql(f"TRUNCATE TABLE {table_name}")
+        if kept is not None and kept.count():
+            kept.write.insertInto(table_name)
+        if history:
+            atomic_write_json(self.storage.history_path(location), history)
+        self.spark.sql(f"REFRESH TABLE {table_name}")
+        table = pa.table({"num_affected_rows": pa.array([removed], pa.int64())})
+        return Result(table, num_modified_rows=removed)
 
     @staticmethod
     def _written_rows(df: Any) -> int:

@@ -141,3 +141,34 @@ def test_copy_into_resent_after_dropped_answer_loads_once(emulator: Emulator, cu
     cur.execute(f"SELECT count(*) AS n FROM main.{schema}.resent")
     assert cur.fetchone().n == 30
     assert emulator.stats()["statements"]["COPY INTO"] >= 2
+
+
+@pytest.mark.parametrize(("number", "empty"), enumerate(["TRUNCATE TABLE {t}", "DELETE FROM {t}",
+                                                           "DELETE FROM {t} WHERE id >= 0"]))
+def test_load_history_survives_truncate_and_delete(emulator: Emulator, cur: Any, schema: str, volume: str,
+                                                   tmp_path: Path, number: int, empty: str) -> None:
+    """As on Databricks, where COPY INTO's load history is in the table's Delta log: emptying the
+    table does not forget which files were loaded, so the same file name loads nothing again."""
+    table = f"main.{schema}.history_{number}"
+    cur.execute(f"CREATE TABLE {table} (id BIGINT, name STRING)")
+    _stage_parquet(cur, volume, tmp_path, "h1.parquet", range(0, 20))
+    copy = f"COPY INTO {table} FROM '{volume}/batches' FILEFORMAT = PARQUET FILES = ('h1.parquet')"
+    cur.execute(copy)
+    assert cur.fetchone().num_inserted_rows == 20
+    cur.execute(empty.format(t=table))
+    cur.execute(f"SELECT count(*) AS n FROM {table}")
+    assert cur.fetchone().n == 0
+    _stage_parquet(cur, volume, tmp_path, "h1.parquet", range(100, 130))  # other rows, same name
+    cur.execute(copy)
+    assert cur.fetchone().num_inserted_rows == 0
+    cur.execute(f"SELECT count(*) AS n FROM {table}")
+    assert cur.fetchone().n == 0
+
+
+def test_delete_with_a_condition_keeps_the_other_rows(cur: Any, schema: str) -> None:
+    cur.execute(f"CREATE TABLE main.{schema}.del (id BIGINT, tag STRING)")
+    cur.execute(f"INSERT INTO main.{schema}.del VALUES (1, 'a'), (2, 'b'), (3, NULL), (4, 'b')")
+    cur.execute(f"DELETE FROM main.{schema}.del WHERE tag = :tag", {"tag": "b"})
+    assert cur.fetchone().num_affected_rows == 2
+    cur.execute(f"SELECT id FROM main.{schema}.del ORDER BY id")
+    assert [row.id for row in cur.fetchall()] == [1, 3]  # a NULL condition keeps the row

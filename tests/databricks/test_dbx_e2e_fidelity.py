@@ -1,0 +1,35 @@
+"""What a real warehouse does that a lenient emulator would let through (issue 11).
+
+COPY INTO's load history is kept in the table's Delta log: it outlives TRUNCATE and DELETE, and a
+file name already loaded is skipped even when the file now holds other rows. After a user empties
+the table and resets progress as the README describes, the uploader must still load every row.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from dbx_e2e import expected_sensor_rows, make_sensor_db, query, upload, uploaded_in
+from emulator_harness import Emulator
+
+PROGRESS = "_sqlite_uploader_batches"
+
+
+@pytest.mark.parametrize(("empty", "second_batch_size"), [("TRUNCATE TABLE {t}", "10"), ("DELETE FROM {t}", "15")])
+def test_reset_after_emptying_the_table_loads_every_row_again(emulator: Emulator, schema: str, tmp_path: Path,
+                                                              empty: str, second_batch_size: str) -> None:
+    db = make_sensor_db(tmp_path / "sensor.db", 30)
+    state = tmp_path / "state"
+    first = upload(emulator, db, state, schema, "--batch-size", "10")
+    assert uploaded_in(first.stderr) == 30
+    # The README's reset: empty the table, forget the progress, move the state file away.
+    query(emulator, empty.format(t=f"`{schema}`.`sensor_logs`"))
+    query(emulator, f"DELETE FROM `{schema}`.`{PROGRESS}`")
+    shutil.move(state, tmp_path / "old-state")
+    second = upload(emulator, db, state, schema, "--batch-size", second_batch_size)
+    assert uploaded_in(second.stderr) == 30, second.stderr[-4000:]
+    rows = query(emulator, f"SELECT count(*) AS n, count(DISTINCT id) AS d FROM `{schema}`.`sensor_logs`")
+    assert (rows[0]["n"], rows[0]["d"]) == (30, 30), second.stderr[-4000:]
+    assert len(expected_sensor_rows(db)) == 30
