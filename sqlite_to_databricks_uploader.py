@@ -2567,7 +2567,8 @@ class DatabricksTarget:
         lowered = text.lower()
         if isinstance(exc, UploaderError):
             return exc
-        if "401" in text or "403" in text or "unauthorized" in lowered or "invalid access token" in lowered:
+        status = http_status(exc)
+        if status in (401, 403) or (status is None and AUTH_FAILURE.search(text)):
             return UploaderError(f"Databricks refused the credentials while {doing} ({text}). Check the token "
                                  "or service principal and its grants (see README, Security).")
         if "max retry duration" in lowered or "retry request would exceed" in lowered:
@@ -2578,7 +2579,7 @@ class DatabricksTarget:
         if "invalid sessionhandle" in lowered:
             return TransientError(f"The SQL warehouse lost this session while {doing} (restarted?); "
                                   "reconnecting.")
-        if "503" in text or "temporarily unavailable" in lowered or "starting" in lowered:
+        if status in (429, 503) or (status is None and UNAVAILABLE.search(text)):
             return TransientError(f"The SQL warehouse is starting or unavailable (HTTP 503) while {doing}; "
                                   "waiting and retrying.")
         from databricks.sql import exc as dbx_exc
@@ -2963,6 +2964,30 @@ class DatabricksTarget:
 
 
 MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
+
+
+# Error texts, when the connector gives no HTTP status: whole words only, since file names and
+# request ids are full of digits ("batch-000000000401", a query id with 503 in it).
+AUTH_FAILURE = re.compile(r"\b(?:HTTP|status|code|error)[ :=]*40[13]\b|\bunauthori[sz]ed\b|\bforbidden\b|"
+                          r"invalid access token|PERMISSION_DENIED|UNAUTHENTICATED", re.IGNORECASE)
+UNAVAILABLE = re.compile(r"\b(?:HTTP|status|code|error)[ :=]*(?:503|429)\b|temporarily[ _]unavailable|"
+                         r"warehouse is starting|too many requests", re.IGNORECASE)
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed request, from the connector's error context or the cause chain."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        context = getattr(current, "context", None)
+        if isinstance(context, dict) and isinstance(context.get("http-code"), int):
+            return context["http-code"]
+        response = getattr(current, "response", None)
+        if isinstance(getattr(response, "status", None), int):
+            return response.status
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
 
 
 def copy_inserted_rows(result: list) -> int | None:

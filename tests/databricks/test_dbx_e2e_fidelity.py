@@ -33,3 +33,16 @@ def test_reset_after_emptying_the_table_loads_every_row_again(emulator: Emulator
     rows = query(emulator, f"SELECT count(*) AS n, count(DISTINCT id) AS d FROM `{schema}`.`sensor_logs`")
     assert (rows[0]["n"], rows[0]["d"]) == (30, 30), second.stderr[-4000:]
     assert len(expected_sensor_rows(db)) == 30
+
+
+@pytest.mark.parametrize("name", ["sensor_401", "readings_503_starting"])
+def test_digits_in_a_name_are_not_taken_for_an_http_status(emulator: Emulator, schema: str, tmp_path: Path,
+                                                           name: str) -> None:
+    """A table name (or a file name, a request id) holding 401 or 503 is no credentials problem and
+    no warehouse start-up: the error says what Databricks said."""
+    db = make_sensor_db(tmp_path / "sensor.db", 3)
+    result = upload(emulator, db, tmp_path / "state", schema, "--run-query", f"SELECT * FROM `{schema}`.`{name}`",
+                    expect=None)
+    assert result.returncode != 0
+    assert "TABLE_OR_VIEW_NOT_FOUND" in result.stderr, result.stderr[-3000:]
+    assert "credentials" not in result.stderr and "HTTP 503" not in result.stderr, result.stderr[-3000:]
