@@ -177,7 +177,7 @@ def test_low_rowids_inserted_below_the_cursor(tmp_path: Path):
 # Loop mode beside a writer that keeps going, with random SIGKILLs
 # ---------------------------------------------------------------------------------------------
 
-LIFE_SECONDS = 10.0
+LIFE_SECONDS = 7.0
 
 
 def live(node: Node, life: str, stop: threading.Event, errors: list[str]) -> None:
@@ -366,6 +366,7 @@ def test_a_cursor_written_by_the_previous_version_keeps_working(node: Node):
     cursor = state["cursor"]
     state["cursor"] = {"mode": cursor["mode"], "key": cursor["key"], "loc": cursor["loc"], "null_loc": cursor["loc"],
                        "last_upload": cursor["last_upload"], "window": None, "ties": None}
+    state["format"] = 1
     state["checksum"] = uploader.state_checksum(state)
     path.write_text(json.dumps(state))
     node.device.step_back(3600)
