@@ -14,7 +14,8 @@ Map of this file, in the order data flows:
 
 1. Configuration  -- OPTIONS (every YAML key / environment variable / flag), load_settings()
 2. Source         -- open SQLite read-only, detect table and timestamp column, timestamp parsing
-3. Cursor         -- the (timestamp, rowid) keyset watermark, window planning, batch reading
+3. Cursor         -- insertion order guarded by a fingerprint (rowid tables) or a (timestamp, key)
+                     keyset (WITHOUT ROWID); window planning, batch reading
 4. Transforms     -- sanitize -> filter -> aggregate (pandas), validated at start-up
 5. Targets        -- the Target interface; DeltaTarget (embedded default), DatabricksTarget
 6. State          -- the JSON state file, atomic writes, reconciliation with the target
@@ -891,7 +892,7 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
 
 
 # =====================================================================================
-# 3. Cursor: a (timestamp, rowid) keyset watermark, read window by window
+# 3. Cursor: which rows are new, read window by window
 # =====================================================================================
 #
 # Two orders, one per kind of table:
