@@ -930,8 +930,6 @@ COUNT_EVERY_CYCLE_BELOW = 200_000
 COUNT_EVERY = 3600.0
 RELOCATE_CHUNK = 20_000  # rows per read while looking for the fingerprinted rows
 FINGERPRINT_BYTES = 256  # of a long TEXT or BLOB value, hashed with its length
-
-
 MAX_CANDIDATES = 1000  # rows sharing the tail's timestamps, checked one by one; more: hash every row
 
 
@@ -1005,7 +1003,9 @@ class Window:
     ties: list | None = None  # primary keys read so far with key == top_key (WITHOUT ROWID tables)
     tail: list | None = None  # insertion order: fingerprint of the rows up to `done`
     tail_cols: list | None = None  # the columns that fingerprint hashed
-    below: int | None = None  # insertion order: rows at or below the frontier when planned
+    # Rows at or below the frontier when planned (insertion order); rows at or below `top`
+    # (key order: the settled count expected once the window is read).
+    below: int | None = None
     read_above: int = 0  # insertion order: rows read so far above the frontier
     key_read: int | None = None  # the highest cursor key read so far (filtered reads)
 
@@ -1026,7 +1026,7 @@ class Watermark:
     ties: list | None = None
     # "insertion" (rowid tables: rows above the frontier `loc` are new) or "key" (the keyset).
     order: str = "key"
-    tail: list | None = None  # [[rowid, row hash], ...] of the last rows up to `loc`
+    tail: list | None = None  # [[rowid, row hash, stored timestamp], ...] of the last rows up to `loc`
     tail_cols: list | None = None  # the columns `tail` hashed, in table order
     below: int | None = None  # rows at or below `loc`: counted, plus the rows read since
     counted_at: float | None = None  # when `below` was last counted (unix seconds)
@@ -1280,9 +1280,9 @@ class SourceReader:
         the tail's rowids are read again.
 
         Returns the frontier to use: the same; lower when the newest uploaded rows were deleted
-        (nothing moved: a later insert reusing their rowids counts as new); lower by one row when
-        only the frontier row changed in a table whose rowids VACUUM renumbers (it may be the
-        next row moved down: uploaded, never skipped). Raises FrontierMoved when rows moved.
+        (nothing moved: a later insert reusing their rowids counts as new); the row before it when
+        only the frontier row changed in a table whose rowids VACUUM renumbers (it may be the next
+        row moved down: uploaded, never skipped). Raises FrontierMoved when rows moved.
         """
         if loc is None or not tail or columns is None:
             return loc
@@ -2722,7 +2722,7 @@ class DatabricksTarget:
             self.execute(f"ALTER TABLE {self.qualified(PROGRESS_TABLE)} ADD COLUMNS (staged_file STRING)",
                          doing="adding staged_file to the progress table")
         except UploaderError as exc:  # another node was first, or a re-sent ALTER
-            if "already exists" not in str(exc).lower() and "ALREADY_EXISTS" not in str(exc).upper():
+            if not already_exists(exc):
                 raise
 
     def _choose_method(self) -> str:
@@ -2790,7 +2790,7 @@ class DatabricksTarget:
             # A re-sent ALTER (answer lost, connector retried) or another node was first: the
             # columns are there now. Anything else: look at the table afresh next time.
             self.columns = None
-            if "ALREADY_EXISTS" not in str(exc).upper() and "already exists" not in str(exc).lower():
+            if not already_exists(exc):
                 raise
             self.columns = self.describe_columns(self.table_name)
             if self.columns is None or any(f.name.lower() not in {c.lower() for c in self.columns} for f in fields):
@@ -2973,6 +2973,11 @@ AUTH_FAILURE = re.compile(r"\b(?:HTTP|status|code|error)[ :=]*40[13]\b|\bunautho
                           r"invalid access token|PERMISSION_DENIED|UNAUTHENTICATED", re.IGNORECASE)
 UNAVAILABLE = re.compile(r"\b(?:HTTP|status|code|error)[ :=]*(?:503|429)\b|temporarily[ _]unavailable|"
                          r"warehouse is starting|too many requests", re.IGNORECASE)
+
+
+def already_exists(exc: Exception) -> bool:
+    """An ALTER TABLE ADD COLUMNS that another node (or a re-sent statement) already made."""
+    return "already exists" in str(exc).lower() or "ALREADY_EXISTS" in str(exc).upper()
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -3684,14 +3689,11 @@ class Uploader:
             ties = (window.ties or []) + (raw.ties or [])
         if finished and mark.order == "insertion":
             mark = self._insertion_mark_after(mark, window, raw, last_upload)
-        elif finished:
-            if mark.mode == "timestamp":
-                key = window.top_key if window.top_key is not None else mark.key
-                loc = window.top if window.top_key is not None else mark.loc
-                mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None,
-                                 self._final_ties(mark, window, ties), below=window.below)
-            else:
-                mark = Watermark("rowid", None, list(window.top), list(window.top), last_upload, None)
+        elif finished:  # key order: timestamp mode (WITHOUT ROWID tables, or a window begun before)
+            key = window.top_key if window.top_key is not None else mark.key
+            loc = window.top if window.top_key is not None else mark.loc
+            mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None,
+                             self._final_ties(mark, window, ties), below=window.below)
         else:
             progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count,
                                              ties=ties, tail=raw.tail, tail_cols=raw.tail_cols,
