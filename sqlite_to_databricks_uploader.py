@@ -1,7 +1,9 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "databricks-sql-connector[pyarrow]>=4.1.2,<5",
+#     # 4.4.0: older versions refuse REMOVE unless staging_allowed_local_path is set, and that
+#     # option would let the server name local files for the connector to read or write.
+#     "databricks-sql-connector[pyarrow]>=4.4.0,<5",
 #     "deltalake>=1.2,<2",
 #     "pyarrow>=18",
 #     "pandas>=2.2",
@@ -2446,6 +2448,16 @@ class ServicePrincipalAuth:
             return self._token
 
 
+def connector_version() -> str:
+    """'databricks-sql-connector X.Y.Z', for DEBUG logs and bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"databricks-sql-connector {version('databricks-sql-connector')}"
+    except PackageNotFoundError:
+        return "databricks-sql-connector (version unknown)"
+
+
 class DatabricksTarget:
     """A Databricks table loaded through databricks-sql-connector.
 
@@ -2551,6 +2563,7 @@ class DatabricksTarget:
                         "Verification is never turned off. If a proxy re-signs TLS traffic or the workspace "
                         "uses a private CA, point SSL_CERT_FILE at a PEM bundle that includes that CA.")
             raise error from None
+        LOG.debug("Connected to %s with %s", self.endpoint.host, connector_version())
         return self.connection
 
     def _drop_connection(self) -> None:

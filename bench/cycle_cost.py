@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "databricks-sql-connector[pyarrow]>=4.1.2,<5",
+#     "databricks-sql-connector[pyarrow]>=4.4.0,<5",
 #     "deltalake>=1.2,<2",
 #     "pyarrow>=18",
 #     "pandas>=2.2",

@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["databricks-sql-connector[pyarrow]>=4.1.2", "pyarrow>=18", "deltalake>=1.2", "pandas>=2.2",
+# dependencies = ["databricks-sql-connector[pyarrow]>=4.4.0", "pyarrow>=18", "deltalake>=1.2", "pandas>=2.2",
 #                 "pyyaml>=6"]
 # ///
 """Load rows into Databricks (the local warehouse emulator) two ways, in one run, and compare.
