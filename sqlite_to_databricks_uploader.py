@@ -2607,16 +2607,29 @@ class DatabricksTarget:
 
     def execute(self, statement: str, parameters: Any = None, fetch: bool = False,
                 input_stream: Any = None, doing: str = "running a statement") -> list:
-        """One statement on the shared connection; returns its rows when `fetch`."""
+        """One statement on the shared connection; returns its rows when `fetch`. A statement that
+        lost a Delta write conflict committed nothing: it runs again, a bounded number of times."""
 
         def run(cursor: Any) -> list:
             if input_stream is not None:
+                input_stream.seek(0)
                 cursor.execute(statement, input_stream=input_stream)
             else:
                 cursor.execute(statement, parameters)
             return cursor.fetchall() if fetch else []
 
-        return self._with_cursor(run, doing)
+        for attempt in itertools.count(1):
+            try:
+                return self._with_cursor(run, doing)
+            except WriteConflict as exc:
+                if attempt >= CONFLICT_ATTEMPTS:
+                    raise TransientError(f"{exc} It still conflicted after {attempt} attempts: other writers keep "
+                                         "changing the table; the batch is tried again later.") from None
+                delay = conflict_delay(attempt)
+                LOG.info("Write conflict while %s (another writer committed first); running it again in %.1f s "
+                         "(attempt %d of %d).", doing, delay, attempt + 1, CONFLICT_ATTEMPTS)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def execute_arrow(self, statement: str) -> Any:
         """A query's whole result as an Arrow table (a statement without one gives 'OK')."""
@@ -2635,6 +2648,8 @@ class DatabricksTarget:
             with connection.cursor() as cursor:
                 return work(cursor)
         except Exception as exc:
+            if write_conflict(exc):  # the session is fine; only this statement's commit was refused
+                raise WriteConflict(str(self._classify(exc, doing))) from None
             # Any failure drops the connection: after a warehouse restart the first error may be
             # an internal one, and the old session would fail every later statement.
             self._drop_connection()
@@ -2986,6 +3001,31 @@ AUTH_FAILURE = re.compile(r"\b(?:HTTP|status|code|error)[ :=]*40[13]\b|\bunautho
                           r"invalid access token|PERMISSION_DENIED|UNAUTHENTICATED", re.IGNORECASE)
 UNAVAILABLE = re.compile(r"\b(?:HTTP|status|code|error)[ :=]*(?:503|429)\b|temporarily[ _]unavailable|"
                          r"warehouse is starting|too many requests", re.IGNORECASE)
+
+
+# Delta's optimistic concurrency: a statement whose commit conflicts with one committed while it ran
+# (a concurrent append to a table it read, a concurrent metadata change such as ALTER TABLE ADD
+# COLUMNS) fails whole with one of these error classes (SQLSTATE 2D521), and committed nothing.
+WRITE_CONFLICT = re.compile(r"\[(?:DELTA_CONCURRENT_[A-Z_]+|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED)[\].]|"
+                            r"\b(?:Concurrent(?:Append|DeleteRead|DeleteDelete|Transaction|Write)|MetadataChanged|"
+                            r"ProtocolChanged)Exception\b")
+CONFLICT_ATTEMPTS = 8  # runs of one statement; the backoff between them grows to 8 s (about 30 s in all)
+
+
+class WriteConflict(TransientError):
+    """A Delta write conflict: the statement committed nothing and may simply run again."""
+
+
+def write_conflict(exc: Exception) -> bool:
+    from databricks.sql import exc as dbx_exc
+
+    return isinstance(exc, dbx_exc.DatabaseError) and bool(WRITE_CONFLICT.search(str(exc)))
+
+
+def conflict_delay(attempt: int) -> float:
+    """Exponential from 0.5 s, capped at 8 s, half of it random: writers that collided spread out."""
+    cap = min(8.0, 0.5 * 2 ** (attempt - 1))
+    return cap / 2 + random.uniform(0, cap / 2)
 
 
 def already_exists(exc: Exception) -> bool:

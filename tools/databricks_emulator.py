@@ -121,6 +121,7 @@ class Stats:
             self.statements: Counter[str] = Counter()
             self.http: Counter[str] = Counter()
             self.faults: Counter[str] = Counter()
+            self.conflicts: Counter[str] = Counter()
             self.rows_inserted = 0
 
     def bump(self, bucket: str, key: str, n: int = 1) -> None:
@@ -138,6 +139,7 @@ class Stats:
                 "statements": dict(self.statements),
                 "http": dict(self.http),
                 "faults_fired": dict(self.faults),
+                "conflicts": dict(self.conflicts),
                 "rows_inserted": self.rows_inserted,
                 "rpc_total": sum(self.rpc.values()),
                 "statements_total": sum(self.statements.values()),
@@ -690,10 +692,25 @@ TRUNCATE_RE = re.compile(r"^TRUNCATE\s+TABLE\s+((?:`(?:[^`]|``)+`|[\w]+)(?:\.(?:
                          re.I | re.S)
 DELETE_RE = re.compile(r"^DELETE\s+FROM\s+((?:`(?:[^`]|``)+`|[\w]+)(?:\.(?:`(?:[^`]|``)+`|[\w]+)){0,2})"
                        r"(?:\s+WHERE\s+(?P<where>.+))?\s*$", re.I | re.S)
+_NAME = r"(?:`(?:[^`]|``)+`|\w+)(?:\s*\.\s*(?:`(?:[^`]|``)+`|\w+)){0,2}"
+# The table a statement commits to, for the optimistic-concurrency model.
+WRITE_TARGET_RE = re.compile(r"^(?:INSERT\s+(?:INTO|OVERWRITE)(?:\s+TABLE)?|COPY\s+INTO|ALTER\s+TABLE|DELETE\s+FROM|"
+                             rf"UPDATE|MERGE\s+INTO|TRUNCATE\s+TABLE)\s+({_NAME})", re.I | re.S)
+READ_TABLE_RE = re.compile(rf"\b(?:FROM|JOIN|USING)\s+({_NAME})", re.I | re.S)
+CONFLICT_SQLSTATE = "2D521"  # Delta's commit conflicts (DELTA_CONCURRENT_*, DELTA_METADATA_CHANGED)
 
 
 def split_name(name: str) -> list[str]:
     return [unquote_ident(p) for p in re.findall(r"`(?:[^`]|``)*`|[^.`]+", name)]
+
+
+@dataclass
+class TableWrite:
+    """A statement that commits to one table: which, and what Delta would check at its commit."""
+
+    table: tuple[str, str]  # (schema, table), lower case: every catalog maps onto one Spark catalog
+    reads: bool  # it reads the table it writes (DELETE, UPDATE, MERGE, INSERT ... SELECT from it)
+    metadata: bool  # it changes the table's metadata (ALTER TABLE)
 
 
 class Engine:
@@ -712,6 +729,10 @@ class Engine:
         self.binder = ParameterBinder(functions)
         self.presigned: dict[str, tuple[str, Path, float]] = {}
         self.base_url = ""
+        self.config: dict[str, Any] = {}  # the admin config (Emulator shares its dict)
+        # Optimistic concurrency: per table, commits that added or removed rows, metadata
+        # changes, and the kind of the last commit (for the message).
+        self.versions: dict[tuple[str, str], tuple[int, int, str]] = {}
         self.storage.recover()
         self._restore_catalog(cat)
 
@@ -813,7 +834,18 @@ class Engine:
         sql = strip_sql(sql)
         kind = classify_statement(sql)
         self.stats.bump("statements", kind)
+        write = self._table_write(sess, sql, kind) if self.config.get("conflicts") else None
+        if write is not None:
+            # Delta's optimistic concurrency: the statement reads the table version it starts
+            # from, works without any lock, and checks at its commit what others committed since.
+            # The work is the configurable window; the statement itself still runs under the lock,
+            # which makes its commit atomic.
+            with self.lock:
+                started = self.versions.get(write.table, (0, 0, ""))
+            time.sleep(float(self.config.get("conflict_window", 0.2)))
         with self.lock:
+            if write is not None:
+                self._check_conflict(write, started)
             try:
                 result = self._dispatch(sess, sql, kind, params)
             except SqlError:
@@ -825,7 +857,47 @@ class Engine:
                 raise SqlError(f"[INTERNAL_ERROR] {exc.__class__.__name__}: {exc}", "XX000") from exc
             if kind in ("CREATE", "DROP", "ALTER") or (kind == "COPY INTO" and result.num_modified_rows):
                 self.sync_catalog()
+            if write is not None:
+                self._committed(write, kind, result)
             return result
+
+    # ---- optimistic concurrency (admin config "conflicts": true) ----
+    def _table_name(self, sess: Any, name: str) -> tuple[str, str]:
+        parts = [p.lower() for p in split_name(re.sub(r"\s*\.\s*", ".", name))]
+        if len(parts) == 1:
+            parts.insert(0, str(sess.catalog.currentDatabase()).lower())
+        return parts[-2], parts[-1]
+
+    def _table_write(self, sess: Any, sql: str, kind: str) -> TableWrite | None:
+        m = WRITE_TARGET_RE.match(sql)
+        if not m:
+            return None
+        table = self._table_name(sess, m.group(1))
+        reads = kind in ("DELETE", "UPDATE", "MERGE", "TRUNCATE") or (kind == "INSERT" and any(
+            self._table_name(sess, r) == table for r in READ_TABLE_RE.findall(sql[m.end():])))
+        return TableWrite(table, reads=reads, metadata=kind == "ALTER")
+
+    def _check_conflict(self, write: TableWrite, started: tuple[int, int, str]) -> None:
+        """Delta's commit check: fail when a concurrent commit invalidated what the statement read."""
+        data, metadata, last = self.versions.get(write.table, (0, 0, ""))
+        name = ".".join(quote_ident(p) for p in write.table)
+        if metadata != started[1]:
+            self.stats.bump("conflicts", "DELTA_METADATA_CHANGED")
+            raise SqlError("[DELTA_METADATA_CHANGED] MetadataChangedException: The metadata of the Delta table "
+                           f"{name} has been changed by a concurrent update. Please try the operation again.",
+                           CONFLICT_SQLSTATE)
+        if write.reads and data != started[0]:
+            self.stats.bump("conflicts", "DELTA_CONCURRENT_APPEND")
+            raise SqlError("[DELTA_CONCURRENT_APPEND.WITHOUT_HINT] ConcurrentAppendException: Files were added to "
+                           f"the root of the table {name} by a concurrent update ({last}, committed at version "
+                           f"{data}). Please try the operation again.", CONFLICT_SQLSTATE)
+
+    def _committed(self, write: TableWrite, kind: str, result: Result) -> None:
+        data, metadata, _ = self.versions.get(write.table, (0, 0, ""))
+        if write.metadata:
+            self.versions[write.table] = (data + 1, metadata + 1, kind)
+        elif result.num_modified_rows != 0:  # a commit without files conflicts with no one
+            self.versions[write.table] = (data + 1, metadata, kind)
 
     def _dispatch(self, sess: Any, sql: str, kind: str, params: list[T.TSparkParameter] | None) -> Result:
         if kind in ("PUT", "GET", "REMOVE"):
@@ -1566,6 +1638,7 @@ class Emulator:
         self.config: dict[str, Any] = {}
         self.storage = Storage(data_dir)
         self.engine = Engine(self.storage, self.stats)
+        self.engine.config = self.config
         self.engine.base_url = f"http://127.0.0.1:{port}"
         self.service = ThriftService(self.engine, self.stats, self.config)
         self.processor = TCLIService.Processor(self.service)
