@@ -2458,8 +2458,10 @@ class DatabricksTarget:
     written before the COPY, so after a crash the uploader knows the last batch that may have
     been loaded and replays exactly that batch (same rows, same file name) before going on.
 
-    Fallback when no volume can be used: the record, then multi-row INSERTs of literal values,
-    each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT inserts nothing.
+    Fallback when no volume can be used, or its cloud storage cannot be reached (the presigned URLs
+    of PUT/REMOVE point at another host than the workspace): the record, then multi-row INSERTs of
+    literal values, each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT
+    inserts nothing.
     """
 
     kind = "databricks"
