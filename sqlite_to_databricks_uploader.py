@@ -2470,8 +2470,10 @@ class DatabricksTarget:
     written before the COPY, so after a crash the uploader knows the last batch that may have
     been loaded and replays exactly that batch (same rows, same file name) before going on.
 
-    Fallback when no volume can be used: the record, then multi-row INSERTs of literal values,
-    each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT inserts nothing.
+    Fallback when no volume can be used, or its cloud storage cannot be reached (the presigned URLs
+    of PUT/REMOVE point at another host than the workspace): the record, then multi-row INSERTs of
+    literal values, each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT
+    inserts nothing.
     """
 
     kind = "databricks"
@@ -2493,6 +2495,7 @@ class DatabricksTarget:
         self.arrow_schema: Any = None
         self.volume: tuple[str, str, str, str] | None = None
         self.method: str | None = None  # "copy" or "insert", decided once per run
+        self.storage_failed = False  # staging's cloud-storage leg failed: INSERT until the process restarts
         self.auth = self._auth()
         if self.endpoint.plain_http:
             LOG.warning("databricks_host uses plain http://: the token travels unencrypted. Use this only "
@@ -2644,12 +2647,20 @@ class DatabricksTarget:
     def _with_cursor(self, work: Callable[[Any], Any], doing: str) -> Any:
         """Run `work` on a cursor of the shared connection; transport failures drop it for a reconnect."""
         connection = self.connect()
+        storage: StagingStorageError | None = None
         try:
             with connection.cursor() as cursor:
-                return work(cursor)
+                try:
+                    return work(cursor)
+                except Exception as exc:
+                    # Looked at before the cursor closes, which forgets the statement's answer.
+                    storage = staging_storage_failure(cursor, exc, doing)
+                    raise
         except Exception as exc:
             if write_conflict(exc):  # the session is fine; only this statement's commit was refused
                 raise WriteConflict(str(self._classify(exc, doing))) from None
+            if storage is not None:  # the workspace answered: its session is fine
+                raise storage from None
             # Any failure drops the connection: after a warehouse restart the first error may be
             # an internal one, and the old session would fail every later statement.
             self._drop_connection()
@@ -2758,6 +2769,8 @@ class DatabricksTarget:
         if setting.lower() == "none":
             LOG.info("Loading with INSERT statements (staging_volume: none).")
             return "insert"
+        if self.storage_failed:
+            return "insert"  # cloud storage failed earlier in this process: not tried again until a restart
         if setting.lower() == "auto":
             catalog = self.catalog or self._current_catalog()
             self.volume = (catalog, self.schema_name, "sqlite_uploader_staging", "")
@@ -2778,6 +2791,9 @@ class DatabricksTarget:
             self.execute(f"PUT '__input_stream__' INTO '{probe}' OVERWRITE", input_stream=io.BytesIO(b"ok"),
                          doing="writing to the staging volume")
             self.execute(f"REMOVE '{probe}'", doing="cleaning the staging volume")
+        except StagingStorageError as exc:
+            self._storage_fallback(exc)
+            return "insert"
         except TransientError:
             raise
         except UploaderError as exc:
@@ -2786,6 +2802,20 @@ class DatabricksTarget:
             return "insert"
         LOG.info("Loading through the staging volume /Volumes/%s/%s/%s with COPY INTO.", catalog, schema, volume)
         return "copy"
+
+    def _storage_fallback(self, exc: StagingStorageError) -> None:
+        """Cloud storage cannot be used: go on with INSERT statements when that path is exactly-once
+        (it needs _batch_id) and retrying will not help; otherwise stop with the storage's message."""
+        if not exc.lasting:
+            raise exc
+        if "_batch_id" not in self.lineage:
+            error = ConfigError if exc.permanent else TransientError
+            raise error(f"{exc} Loading with INSERT statements instead would need the batch_id lineage column "
+                        "(lineage_columns: batch_id).")
+        self.storage_failed = True
+        self.method = "insert"
+        LOG.warning("%s Loading with INSERT statements instead until the uploader restarts (slower, still exactly "
+                    "once); restart it once the storage can be reached to go back to COPY INTO.", exc)
 
     def _current_catalog(self) -> str:
         rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
@@ -2834,7 +2864,8 @@ class DatabricksTarget:
         staged = "staged_file" if self.records_files else "NULL"
         rows = self.execute(
             f"SELECT seq, watermark, before, last_loc, load_method, {staged} FROM {self.qualified(PROGRESS_TABLE)} "
-            "WHERE app_id = :app ORDER BY seq DESC LIMIT 1", {"app": app_id}, fetch=True,
+            "WHERE app_id = :app ORDER BY seq DESC, CASE WHEN load_method = 'insert' THEN 0 ELSE 1 END LIMIT 1",
+            {"app": app_id}, fetch=True,
             doing="reading the progress table")
         if not rows:
             return None
@@ -2874,10 +2905,17 @@ class DatabricksTarget:
         if method == "insert" and "_batch_id" not in self.lineage:
             raise ConfigError(f"Batch {batch.seq} was begun with INSERT statements; finishing it needs the "
                               "_batch_id lineage column (lineage_columns: batch_id).")
-        if method == "copy":
-            self._write_copy(batch, rows)
-        else:
+        if method != "copy":
             self._write_insert(batch, rows)
+            return
+        try:
+            self._write_copy(batch, rows)
+            return
+        except StagingStorageError as exc:
+            self._storage_fallback(exc)  # raises unless INSERT statements can take over
+        # Its record says COPY, and an earlier attempt may have loaded it: finish it as the replay
+        # of a COPY batch, which looks first.
+        self.write(dataclasses.replace(batch, replay_method="copy"))
 
     def _with_lineage(self, batch: Batch) -> Any:
         import pyarrow as pa
@@ -2920,7 +2958,11 @@ class DatabricksTarget:
             "COPY_OPTIONS ('mergeSchema' = 'true')", fetch=True, doing=f"loading batch {batch.seq}")
         LOG.debug("COPY INTO batch %d: %s", batch.seq, result)
         self._check_copied(batch, rows.num_rows, result, f"{directory}/{file_name}")
-        self.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
+        try:
+            self.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
+        except StagingStorageError as exc:  # the rows are in; a file left behind costs only space
+            LOG.warning("%s Batch %d is loaded; its staged file %s/%s stays in the volume.", exc, batch.seq,
+                        directory, file_name)
 
     def _check_copied(self, batch: Batch, expected: int, result: list, path: str) -> None:
         """COPY INTO loads all of the file or nothing: nothing when it loaded it before (a replay, or
@@ -3057,6 +3099,107 @@ def copy_inserted_rows(result: list) -> int | None:
     values = row.asDict() if hasattr(row, "asDict") else {}
     value = values.get("num_inserted_rows")
     return int(value) if value is not None else None
+
+
+class StagingStorageError(TransientError):
+    """A staging transfer failed on its cloud-storage leg. PUT/GET/REMOVE of a volume file take two
+    legs: the statement goes to the workspace, which answers with a presigned URL on the cloud
+    provider's storage (S3, ADLS, GCS: another host), and the connector sends the file there itself.
+    `lasting`: the failure outlasted the connector's retries (connection refused, DNS, timeout, TLS)
+    or was refused outright (HTTP 4xx); `permanent`: only the user can fix it (TLS trust, HTTP 4xx)."""
+
+    def __init__(self, message: str, where: str, lasting: bool, permanent: bool) -> None:
+        super().__init__(message)
+        self.where = where
+        self.lasting = lasting
+        self.permanent = permanent
+
+
+def staging_storage_failure(cursor: Any, exc: Exception, doing: str) -> StagingStorageError | None:
+    """The error of a statement whose workspace leg succeeded -- the cursor holds the warehouse's
+    staging answer -- and whose transfer to cloud storage did not; None for anything else."""
+    from databricks.sql import exc as dbx_exc
+
+    answer = getattr(cursor, "active_result_set", None)
+    if not getattr(answer, "is_staging_operation", False) or not isinstance(exc, dbx_exc.OperationalError):
+        return None  # the workspace failed, or the connector refused before any transfer (ProgrammingError)
+    where = storage_endpoint(exc)
+    status = None if isinstance(exc, dbx_exc.RequestError) else staging_http_status(exc)
+    if status is not None:  # the storage answered, with an error
+        permanent = 400 <= status < 500 and status not in (408, 429)
+        reason, advice = f"it answered HTTP {status}", ("A firewall or network rule on the storage account may refuse "
+                                                        "this machine." if permanent else "Retrying.")
+        lasting = permanent
+    else:
+        reason, permanent = transfer_failure_reason(exc)
+        lasting = True  # the connector retried it for databricks_retry_timeout already
+        advice = ("If a proxy re-signs TLS traffic, point SSL_CERT_FILE at a PEM bundle that includes its CA "
+                  "(verification is never turned off)." if permanent else
+                  f"Allow outbound HTTPS from this machine to {where} (firewall, egress rules, proxy).")
+    return StagingStorageError(
+        f"Cannot use cloud storage at {where} while {doing}: {reason}. The workspace answered; the staged file "
+        f"goes to a presigned URL on the cloud provider's storage, another host this machine must reach. {advice}",
+        where, lasting, permanent)
+
+
+def storage_endpoint(exc: BaseException) -> str:
+    """host:port of a failed staging transfer, never the whole URL (it carries a signature).
+
+    The connector's error does not name the host (a TLS failure mentions none at all), so it is
+    read from the presigned URL its staging handler was called with, else from urllib3's errors."""
+    from urllib.parse import urlsplit
+
+    traceback = exc.__traceback__
+    while traceback is not None:
+        url = traceback.tb_frame.f_locals.get("presigned_url")
+        if isinstance(url, str):
+            parts = urlsplit(url)
+            if parts.hostname:
+                default = 443 if parts.scheme == "https" else 80
+                return f"{parts.hostname}:{parts.port or default}"
+        traceback = traceback.tb_next
+    for error in exception_chain(exc):
+        connection = getattr(error, "conn", None)
+        if isinstance(getattr(connection, "host", None), str):
+            return f"{connection.host}:{connection.port}"
+    return "its presigned URL"
+
+
+def exception_chain(exc: BaseException, limit: int = 10) -> Iterator[BaseException]:
+    current: BaseException | None = exc
+    for _ in range(limit):
+        if current is None:
+            return
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def transfer_failure_reason(exc: BaseException) -> tuple[str, bool]:
+    """What failed in a transfer that got no answer, from the standard exceptions urllib3 wraps;
+    and whether only the user can fix it (an untrusted certificate)."""
+    import ssl
+
+    chain = list(exception_chain(exc))
+    for error in chain:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted ({error.verify_message or error})", True
+    for error in chain:
+        if isinstance(error, socket.gaierror):
+            return "its host name does not resolve (DNS)", False
+        if isinstance(error, ConnectionRefusedError):
+            return "the connection was refused", False
+        if isinstance(error, TimeoutError):
+            return "the connection timed out", False
+        if isinstance(error, ssl.SSLError):
+            return f"the TLS handshake failed ({error})", False
+    causes = [e for e in chain if isinstance(e, OSError)]
+    return f"the transfer failed ({causes[-1] if causes else exc})", False
+
+
+def staging_http_status(exc: BaseException) -> int | None:
+    """The status in the connector's 'Staging operation over HTTP was unsuccessful: 403-...' error."""
+    match = re.search(r"unsuccessful: (\d{3})-", str(exc))
+    return int(match.group(1)) if match else None
 
 
 def safe_file_part(text: str) -> str:

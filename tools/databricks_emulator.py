@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +61,7 @@ MAX_PARAMETERS = 256
 DEFAULT_CATALOGS = ("main", "hive_metastore", "spark_catalog", "workspace")
 THRIFT_PATH_RE = re.compile(r"^/sql/(1\.0/warehouses/[^/]+|protocolv1/o/[^/]+/[^/]+)/?$")
 STAGING_PREFIX = "/_staging/"
+STAGING_HOSTS = ("refuse", "untrusted_tls")  # admin config "staging_host": where presigned URLs point
 PRESIGNED_TTL_S = 900
 SERVER_PROTOCOL = T.TProtocolVersion.SPARK_CLI_SERVICE_PROTOCOL_V8
 
@@ -733,6 +735,10 @@ class Engine:
         # Optimistic concurrency: per table, commits that added or removed rows, metadata
         # changes, and the kind of the last commit (for the message).
         self.versions: dict[tuple[str, str], tuple[int, int, str]] = {}
+        # Where presigned URLs point. Databricks hands out URLs of the cloud provider's storage,
+        # another host than the workspace; the admin switch "staging_host" moves them here.
+        self.staging_base_url: str | None = None
+        self.staging_host_after = 0  # presigned URLs still handed out for this server before the switch
         self.storage.recover()
         self._restore_catalog(cat)
 
@@ -1031,7 +1037,7 @@ class Engine:
             shutil.rmtree(vdir, ignore_errors=True)
         return empty_result()
 
-    # ---- PUT / GET / REMOVE: answer with a presigned URL back to this server ----
+    # ---- PUT / GET / REMOVE: answer with a presigned URL (this server, or the staging host) ----
     def _staging(self, sql: str, kind: str) -> Result:
         local_file: str | None = None
         if kind == "PUT":
@@ -1067,7 +1073,11 @@ class Engine:
             op = "REMOVE"
         token = secrets.token_urlsafe(24)
         self.presigned[token] = (op, target, time.monotonic() + PRESIGNED_TTL_S)
-        url = f"{self.base_url}{STAGING_PREFIX}{token}"
+        base = self.staging_base_url or self.base_url
+        if self.staging_host_after > 0:
+            self.staging_host_after -= 1
+            base = self.base_url
+        url = f"{base}{STAGING_PREFIX}{token}"
         row = {"operation": op, "localFile": local_file, "presignedUrl": url, "headers": "{}"}
         table = pa.table({k: pa.array([v], pa.string()) for k, v in row.items()})
         return Result(table, is_staging=True)
@@ -1645,6 +1655,9 @@ class Emulator:
         self.server: ThreadingHTTPServer | None = None
         self.server_lock = threading.Lock()
         self.stopping = threading.Event()
+        self.refusing_socket: socket.socket | None = None  # staging_host "refuse"
+        self.tls_server: ThreadingHTTPServer | None = None  # staging_host "untrusted_tls"
+        self.tls_cert_file: Path | None = None
 
     # ---- listening socket management (refuse-connections fault re-binds the port) ----
     def start_server(self) -> None:
@@ -1683,9 +1696,69 @@ class Emulator:
 
         threading.Thread(target=cycle, daemon=True).start()
 
+    # ---- the staging host: where presigned URLs point (cloud storage on Databricks) ----
+    def set_staging_host(self, mode: str | None, after: int = 0) -> str | None:
+        """Point presigned URLs at another endpoint, as Databricks points them at the cloud provider's
+        storage: "refuse" (a port that refuses connections), "untrusted_tls" (HTTPS with a self-signed
+        certificate made here, which no client trusts unless told to), None (this server again).
+        `after`: the next N presigned URLs still point here (say, a start-up probe), later ones not.
+        Endpoints are made on first use and kept. Returns the base URL now handed out."""
+        self.engine.staging_host_after = max(0, int(after or 0))
+        if mode is None:
+            self.engine.staging_base_url = None
+            return None
+        if mode == "refuse":
+            if self.refusing_socket is None:
+                # Bound but never listening: the port stays ours, and every connect gets ECONNREFUSED.
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind(("127.0.0.1", 0))
+                self.refusing_socket = sock
+            url = f"http://127.0.0.1:{self.refusing_socket.getsockname()[1]}"
+        elif mode == "untrusted_tls":
+            if self.tls_server is None:
+                self.tls_server = self._start_tls_server()
+            url = f"https://127.0.0.1:{self.tls_server.server_address[1]}"
+        else:
+            raise ValueError(f"staging_host must be one of {STAGING_HOSTS} or null, not {mode!r}")
+        self.engine.staging_base_url = url
+        return url
+
+    def _start_tls_server(self) -> ThreadingHTTPServer:
+        """An HTTPS listener serving the same presigned URLs, with a fresh self-signed certificate."""
+        import ssl
+
+        if shutil.which("openssl") is None:
+            raise ValueError("staging_host untrusted_tls needs the openssl command, which is not installed")
+        directory = self.storage.root / "_tls"
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / "staging-cert.pem", directory / "staging-key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+                        "-subj", "/CN=emulator staging storage", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        self.tls_cert_file = cert
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that does not trust the certificate aborts the handshake: expected
+
+        server = QuietServer(("127.0.0.1", 0), make_handler(self))
+        server.daemon_threads = True
+        # Handshakes happen in the handler threads, so one stuck client cannot block accept().
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        return server
+
     def shutdown(self) -> None:
         self.stopping.set()
         self.stop_server()
+        if self.tls_server is not None:
+            self.tls_server.shutdown()
+            self.tls_server.server_close()
+        if self.refusing_socket is not None:
+            self.refusing_socket.close()
         self.engine.stop()
 
 
@@ -1893,8 +1966,17 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 emu.faults.clear()
                 emu.stats.reset()
                 emu.config.clear()
+                emu.set_staging_host(None)
                 self._json(200, {"ok": True})
             elif path == "/admin/config":
+                if "staging_host" in data:
+                    try:
+                        url = emu.set_staging_host(data["staging_host"], data.get("staging_host_after") or 0)
+                    except (ValueError, TypeError, OSError, subprocess.CalledProcessError) as exc:
+                        self._json(400, {"error": str(exc)})
+                        return
+                    data = {**data, "staging_url": url,
+                            "staging_ca_file": str(emu.tls_cert_file) if url and url.startswith("https") else None}
                 emu.config.update({k: v for k, v in data.items() if v is not None})
                 for k in [k for k, v in data.items() if v is None]:
                     emu.config.pop(k, None)
