@@ -2944,8 +2944,15 @@ class DatabricksTarget:
             rows = rows.append_column(column, pa.array([values[column]] * rows.num_rows, type=field_type))
         if self.arrow_schema is None:
             return rows
-        # The table's spelling of each name (it may differ in case), then its types.
-        return rows.rename_columns(self.arrow_schema.names).cast(self.arrow_schema)
+        # The table's spelling of each name (it may differ in case), then its types. Aggregated
+        # numbers for a DECIMAL column are rounded (and checked) as source values are.
+        rows = rows.rename_columns(self.arrow_schema.names)
+        for index, wanted in enumerate(self.arrow_schema):
+            if pa.types.is_decimal(wanted.type) and not pa.types.is_decimal(rows.schema.field(index).type):
+                numbers = to_decimal_column(rows.column(index).to_pylist(), wanted.type, wanted.name,
+                                            ConversionReport())
+                rows = rows.set_column(index, wanted.name, numbers)
+        return rows.cast(self.arrow_schema)
 
     def _write_copy(self, batch: Batch, rows: Any) -> None:
         import io
