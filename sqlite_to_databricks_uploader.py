@@ -2644,7 +2644,7 @@ class DatabricksTarget:
                                "/ databricks_database to names it accepts (letters, digits, underscores).")
         if isinstance(exc, dbx_exc.ServerOperationError):
             for error_class, advice in PERMANENT_DATA_ERRORS.items():
-                if error_class in text:
+                if error_class in text and doing != QUERY_DOING:  # a user's --run-query is no batch
                     return ConfigError(f"Databricks refused the data while {doing}: {advice}. Retrying the same "
                                        f"rows cannot help; fix this, then run again. ({text.strip()})")
             return UploaderError(f"Databricks rejected a statement while {doing}: {text}")
@@ -2671,7 +2671,7 @@ class DatabricksTarget:
             cursor.execute(statement)
             return pa.table({"result": ["OK"]}) if cursor.description is None else cursor.fetchall_arrow()
 
-        return self._with_cursor(run, "running the query")
+        return self._with_cursor(run, QUERY_DOING)
 
     def _with_cursor(self, work: Callable[[Any], Any], doing: str) -> Any:
         """Run `work` on a cursor of the shared connection; transport failures drop it for a reconnect."""
@@ -3066,6 +3066,8 @@ COLUMN_MAPPING_MODE = "delta.columnMapping.mode"
 # Footer key-value metadata naming a Spark 3 writer: Spark then reads dates and timestamps as
 # proleptic Gregorian, whatever its datetimeRebaseModeInRead (DataSourceUtils.datetimeRebaseSpec).
 SPARK_CALENDAR_METADATA = {b"org.apache.spark.version": b"3.0.0"}
+
+QUERY_DOING = "running the query"
 
 # Statements Databricks refuses for what the data is, not for a passing condition: retrying the
 # same batch fails the same way, and every batch behind it waits. Error class -> what to do.
