@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import decimal
 import gc
 import hashlib
 import itertools
@@ -1574,6 +1575,8 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
         if pa.types.is_date32(arrow_type):
             return pa.array([None if m is None else m // 86_400_000_000 for m in micros], pa.date32())
         return pa.array(micros, pa.timestamp("us", tz=arrow_type.tz))
+    if pa.types.is_decimal(arrow_type):
+        return to_decimal_column(values, arrow_type, name, report)
     try:
         return pa.array(values, type=arrow_type)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
@@ -1588,6 +1591,49 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
             converted = None
         bad += converted is None and value is not None
         fixed.append(converted)
+    if bad:
+        report.nulled[name] = report.nulled.get(name, 0) + bad
+    return pa.array(fixed, type=arrow_type)
+
+
+def to_decimal_column(values: list, arrow_type: Any, name: str, report: ConversionReport) -> Any:
+    """Numbers for a DECIMAL(p,s) column, rounded half up to s digits as Databricks' CAST does.
+
+    A number with more integer digits than the column holds stops the upload (ConfigError): it
+    is not a stray value but a column too narrow for the data, and a NULL would lose it silently.
+    Text that is no number becomes NULL and is counted, as in every other column.
+    """
+    import pyarrow as pa
+
+    step = decimal.Decimal(1).scaleb(-arrow_type.scale)
+    whole = arrow_type.precision - arrow_type.scale  # digits allowed before the point
+    limit = decimal.Decimal(10) ** whole
+    context = decimal.Context(prec=arrow_type.precision + 2, rounding=decimal.ROUND_HALF_UP)
+    fixed: list[decimal.Decimal | None] = []
+    bad = 0
+    for value in values:
+        if value is None:
+            fixed.append(None)
+            continue
+        try:
+            number = decimal.Decimal(value.decode() if isinstance(value, bytes) else str(value).strip())
+            if not number.is_finite():
+                raise ValueError(value)
+        except (ValueError, ArithmeticError, UnicodeDecodeError):
+            bad += 1
+            fixed.append(None)
+            continue
+        too_big = bool(number) and number.adjusted() >= whole
+        if not too_big:
+            number = number.quantize(step, context=context)
+            too_big = abs(number) >= limit  # 99.995 rounds to 100.00
+        if too_big:
+            raise ConfigError(
+                f"Column {name!r} holds {value!r}, which does not fit the target column's type "
+                f"DECIMAL({arrow_type.precision},{arrow_type.scale}) (at most {whole} digits before the point). "
+                "Nothing of this batch was loaded. Widen the column in Databricks (or load into another table), "
+                "then run again.")
+        fixed.append(number)
     if bad:
         report.nulled[name] = report.nulled.get(name, 0) + bad
     return pa.array(fixed, type=arrow_type)
@@ -2242,6 +2288,8 @@ def databricks_type(arrow_type: Any) -> str:
         return "BIGINT"
     if pa.types.is_floating(arrow_type):
         return "DOUBLE"
+    if pa.types.is_decimal(arrow_type):
+        return f"DECIMAL({arrow_type.precision},{arrow_type.scale})"
     if pa.types.is_timestamp(arrow_type):
         return "TIMESTAMP" if arrow_type.tz else "TIMESTAMP_NTZ"
     if pa.types.is_date(arrow_type):
@@ -2257,6 +2305,11 @@ def arrow_type_for_databricks(type_name: str) -> Any:
 
     upper = type_name.strip().upper()
     base = upper.split("(")[0]
+    if base in ("DECIMAL", "NUMERIC", "DEC"):
+        # Batches carry the column's own DECIMAL(p,s): Delta refuses a Parquet DOUBLE in it.
+        digits = re.findall(r"\d+", upper)
+        precision = int(digits[0]) if digits else 10
+        return pa.decimal128(precision, int(digits[1]) if len(digits) > 1 else 0)
     return {
         "BOOLEAN": pa.bool_(), "TINYINT": pa.int8(), "BYTE": pa.int8(), "SMALLINT": pa.int16(),
         "SHORT": pa.int16(), "INT": pa.int32(), "INTEGER": pa.int32(), "BIGINT": pa.int64(),
@@ -2264,7 +2317,6 @@ def arrow_type_for_databricks(type_name: str) -> Any:
         "STRING": pa.string(), "VARCHAR": pa.string(), "CHAR": pa.string(), "BINARY": pa.binary(),
         "DATE": pa.date32(), "TIMESTAMP": pa.timestamp("us", tz="UTC"),
         "TIMESTAMP_LTZ": pa.timestamp("us", tz="UTC"), "TIMESTAMP_NTZ": pa.timestamp("us"),
-        "DECIMAL": pa.float64(), "NUMERIC": pa.float64(), "DEC": pa.float64(),
     }.get(base)
 
 
@@ -2276,7 +2328,7 @@ def compatible(source: Any, target: Any) -> bool:
         return False
     if source == target or pa.types.is_string(target):
         return True
-    numeric = (pa.types.is_integer, pa.types.is_floating)
+    numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
     if any(f(source) for f in numeric) and any(f(target) for f in numeric):
         return True
     if pa.types.is_timestamp(source) and pa.types.is_timestamp(target):
@@ -2311,6 +2363,8 @@ def sql_literal(value: Any) -> str:
         return f"DATE'{value.isoformat()}'"
     if isinstance(value, (bytes, bytearray)):
         return f"X'{bytes(value).hex()}'"
+    if isinstance(value, decimal.Decimal):
+        return f"{value:f}BD"
     text = str(value)
     if STRING_LITERAL_SAFE.fullmatch(text):
         return "'" + text + "'"
@@ -2605,6 +2659,10 @@ class DatabricksTarget:
             return ConfigError(f"Databricks does not accept a name while {doing} ({text}). Set databricks_table "
                                "/ databricks_database to names it accepts (letters, digits, underscores).")
         if isinstance(exc, dbx_exc.ServerOperationError):
+            for error_class, advice in PERMANENT_DATA_ERRORS.items():
+                if error_class in text and doing != QUERY_DOING:  # a user's --run-query is no batch
+                    return ConfigError(f"Databricks refused the data while {doing}: {advice}. Retrying the same "
+                                       f"rows cannot help; fix this, then run again. ({text.strip()})")
             return UploaderError(f"Databricks rejected a statement while {doing}: {text}")
         return TransientError(f"Cannot reach Databricks at {self.endpoint.host} while {doing}: {text}")
 
@@ -2642,7 +2700,7 @@ class DatabricksTarget:
             cursor.execute(statement)
             return pa.table({"result": ["OK"]}) if cursor.description is None else cursor.fetchall_arrow()
 
-        return self._with_cursor(run, "running the query")
+        return self._with_cursor(run, QUERY_DOING)
 
     def _with_cursor(self, work: Callable[[Any], Any], doing: str) -> Any:
         """Run `work` on a cursor of the shared connection; transport failures drop it for a reconnect."""
@@ -2715,9 +2773,27 @@ class DatabricksTarget:
             raise ConfigError("Source and target columns do not match: " + "; ".join(clashes) +
                               ". Change the target column types, or load into another table.")
         if missing:
+            self._check_new_column_names(missing)
             self._add_columns(missing)
         self.arrow_schema = pa.schema(fields)
         return self.arrow_schema
+
+    def _check_new_column_names(self, fields: list) -> None:
+        """Names Delta refuses without column mapping, for a table made without it: say so before
+        the ALTER fails, and how to fix it. Turning mapping on is the owner's choice: it cannot be undone."""
+        invalid = [f.name for f in fields if DELTA_INVALID_NAME_CHARS.search(f.name)]
+        if not invalid or self._uses_column_mapping():
+            return
+        raise ConfigError(
+            f"Source column(s) {', '.join(map(repr, invalid))} hold a space or one of , ; {{ }} ( ) = (or a tab or "
+            f"newline), which Delta accepts in column names only with column mapping, and {self.full_name} does not "
+            f"use it. Either enable it once: ALTER TABLE {self.full_name} SET TBLPROPERTIES "
+            f"('{COLUMN_MAPPING_MODE}' = 'name') (it cannot be turned off; readers need Databricks Runtime 10.4+), "
+            "or rename the column in SQLite. Then run again.")
+
+    def _uses_column_mapping(self) -> bool:
+        rows = self.execute(f"SHOW TBLPROPERTIES {self.full_name}", fetch=True, doing="reading the table properties")
+        return any(str(row[0]) == COLUMN_MAPPING_MODE and str(row[1]).lower() in ("name", "id") for row in rows)
 
     def _lineage_field(self, column: str) -> Any:
         import pyarrow as pa
@@ -2832,8 +2908,14 @@ class DatabricksTarget:
             raise ConfigError(f"Table {self.full_name} does not exist and create_table is off. Create it "
                               "(README: Databricks table setup) or set create_table: true.")
         columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in schema)
-        self.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns})", doing="creating the table")
-        LOG.info("Created table %s (%s).", self.full_name, columns)
+        mapped = [f.name for f in schema if DELTA_INVALID_NAME_CHARS.search(f.name)]
+        # Delta takes a space or one of ,;{}()= in a column name only with column mapping;
+        # setting the mode upgrades the table's protocol (readers need Databricks Runtime 10.4+).
+        properties = f" TBLPROPERTIES ('{COLUMN_MAPPING_MODE}' = 'name')" if mapped else ""
+        self.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns}){properties}",
+                     doing="creating the table")
+        LOG.info("Created table %s (%s)%s.", self.full_name, columns,
+                 f" with column mapping, for the column name(s) {', '.join(map(repr, mapped))}" if mapped else "")
         self.columns = {f.name: databricks_type(f.type) for f in schema}
 
     def _add_columns(self, fields: list) -> None:
@@ -2928,8 +3010,15 @@ class DatabricksTarget:
             rows = rows.append_column(column, pa.array([values[column]] * rows.num_rows, type=field_type))
         if self.arrow_schema is None:
             return rows
-        # The table's spelling of each name (it may differ in case), then its types.
-        return rows.rename_columns(self.arrow_schema.names).cast(self.arrow_schema)
+        # The table's spelling of each name (it may differ in case), then its types. Aggregated
+        # numbers for a DECIMAL column are rounded (and checked) as source values are.
+        rows = rows.rename_columns(self.arrow_schema.names)
+        for index, wanted in enumerate(self.arrow_schema):
+            if pa.types.is_decimal(wanted.type) and not pa.types.is_decimal(rows.schema.field(index).type):
+                numbers = to_decimal_column(rows.column(index).to_pylist(), wanted.type, wanted.name,
+                                            ConversionReport())
+                rows = rows.set_column(index, wanted.name, numbers)
+        return rows.cast(self.arrow_schema)
 
     def _write_copy(self, batch: Batch, rows: Any) -> None:
         import io
@@ -2937,6 +3026,11 @@ class DatabricksTarget:
         import pyarrow.parquet as pq
 
         buffer = io.BytesIO()
+        # Spark 3.x reads a Parquet date before 1582-10-15 (or such a timestamp) from a file that
+        # does not name its Spark version as an error (datetimeRebaseModeInRead = EXCEPTION), or
+        # (LEGACY) shifts it as if it were Julian. A file naming a Spark >= 3.0 writer, without the
+        # org.apache.spark.legacyDateTime key, is read as written: proleptic Gregorian, as pyarrow writes.
+        rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **SPARK_CALENDAR_METADATA})
         pq.write_table(rows, buffer, compression="zstd")
         buffer.seek(0)
         directory = self.volume_dir(batch.app_id)
@@ -3035,6 +3129,31 @@ class DatabricksTarget:
 
 
 MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
+
+# Column names Delta refuses unless the table uses column mapping (Parquet's special characters).
+DELTA_INVALID_NAME_CHARS = re.compile(r"[ ,;{}()\n\t=]")
+COLUMN_MAPPING_MODE = "delta.columnMapping.mode"
+# Footer key-value metadata naming a Spark 3 writer: Spark then reads dates and timestamps as
+# proleptic Gregorian, whatever its datetimeRebaseModeInRead (DataSourceUtils.datetimeRebaseSpec).
+SPARK_CALENDAR_METADATA = {b"org.apache.spark.version": b"3.0.0"}
+
+QUERY_DOING = "running the query"
+
+# Statements Databricks refuses for what the data is, not for a passing condition: retrying the
+# same batch fails the same way, and every batch behind it waits. Error class -> what to do.
+PERMANENT_DATA_ERRORS = {
+    "DELTA_INVALID_CHARACTERS_IN_COLUMN_NAME": "a column name holds a space or one of , ; { } ( ) =, which Delta "
+    "accepts only with column mapping: ALTER TABLE ... SET TBLPROPERTIES ('delta.columnMapping.mode' = 'name'), "
+    "or rename the column in SQLite",
+    "READ_ANCIENT_DATETIME": "the batch holds a date before 1582-10-15 that the warehouse will not read from "
+    "Parquet; load with INSERT statements (staging_volume: none) or correct the date in SQLite",
+    "DELTA_FAILED_TO_MERGE_FIELDS": "a batch column's type does not match the table's; change the table column's "
+    "type or load into another table",
+    "CAST_OVERFLOW_IN_TABLE_INSERT": "a value does not fit its column's type; widen the column or load into "
+    "another table",
+    "NUMERIC_VALUE_OUT_OF_RANGE": "a value does not fit its column's type; widen the column or load into "
+    "another table",
+}
 
 
 # Error texts, when the connector gives no HTTP status: whole words only, since file names and

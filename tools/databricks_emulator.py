@@ -702,6 +702,18 @@ READ_TABLE_RE = re.compile(rf"\b(?:FROM|JOIN|USING)\s+({_NAME})", re.I | re.S)
 CONFLICT_SQLSTATE = "2D521"  # Delta's commit conflicts (DELTA_CONCURRENT_*, DELTA_METADATA_CHANGED)
 
 
+# Delta without column mapping refuses these in column names (Parquet's special characters).
+INVALID_COLUMN_CHARS = re.compile(r"[ ,;{}()\n\t=]")
+COLUMN_MAPPING_KEY = "delta.columnMapping.mode"
+
+
+def invalid_column_names_error(names: list[str]) -> SqlError:
+    return SqlError(
+        "[DELTA_INVALID_CHARACTERS_IN_COLUMN_NAMES] Found invalid character(s) among ' ,;{}()\\n\\t=' in the "
+        f"column names of your schema. Invalid column names: {', '.join(names)}. Please use other characters "
+        "and try again. Alternatively, enable Column Mapping to keep using these characters.", "42K05")
+
+
 def split_name(name: str) -> list[str]:
     return [unquote_ident(p) for p in re.findall(r"`(?:[^`]|``)*`|[^.`]+", name)]
 
@@ -784,6 +796,9 @@ class Engine:
             parts = ""
             if t.get("partition_columns"):
                 parts = " PARTITIONED BY (" + ", ".join(quote_ident(c) for c in t["partition_columns"]) + ")"
+            if t.get("properties"):
+                parts += " TBLPROPERTIES (" + ", ".join(
+                    f"{sql_string(k)} = {sql_string(v)}" for k, v in t["properties"].items()) + ")"
             location = Path(t["location"])
             if t.get("type") == "EXTERNAL":
                 spark.sql(f"CREATE TABLE {fq} ({ddl}) USING {t.get('provider', 'parquet')}{parts} "
@@ -821,12 +836,14 @@ class Engine:
                     continue
                 provider = jt.provider().get() if jt.provider().isDefined() else "parquet"
                 parts = list(spark._jvm.scala.jdk.javaapi.CollectionConverters.asJava(jt.partitionColumnNames()))
+                java_props = spark._jvm.scala.jdk.javaapi.CollectionConverters.asJava(jt.properties())
+                props = {str(k): str(java_props.get(k)) for k in java_props.keySet() if str(k).startswith("delta.")}
                 tables.append({
                     "schema": schema, "name": r.tableName,
                     "schema_json": json.loads(spark.table(fq).schema.json()),
                     "location": urlparse(str(jt.location())).path,
                     "type": jt.tableType().name(), "provider": provider,
-                    "partition_columns": parts,
+                    "partition_columns": parts, "properties": props,
                 })
         atomic_write_json(self.storage.catalog_file, {
             "catalogs": sorted(self.catalogs), "schemas": schemas, "tables": tables})
@@ -927,6 +944,8 @@ class Engine:
             # Spark's session catalog has no REPLACE TABLE for Parquet tables: drop + create.
             sess.sql(f"DROP TABLE IF EXISTS {m.group(1)}")
             sql = re.sub(r"^CREATE\s+OR\s+REPLACE\s+TABLE", "CREATE TABLE", sql, flags=re.I)
+        if kind in ("CREATE", "ALTER"):
+            self._check_column_names(sess, sql)
         if kind == "INSERT":
             return self._insert(sess, sql, args)
         m = TRUNCATE_RE.match(sql) if kind == "TRUNCATE" else DELETE_RE.match(sql) if kind == "DELETE" else None
@@ -938,6 +957,40 @@ class Engine:
             # Recorded warehouse answers to DDL carry one empty STRING column named "Result".
             table = pa.table({"Result": pa.array([], pa.string())})
         return Result(self._databricks_column_names(kind, sql, table))
+
+    def _check_column_names(self, sess: Any, sql: str) -> None:
+        """Delta refuses column names with Parquet's special characters unless the table uses column
+        mapping (TBLPROPERTIES ('delta.columnMapping.mode' = 'name' or 'id')). Spark's Parquet tables
+        accept them, so the emulator checks the parsed statement itself."""
+        try:
+            plan = sess._jsparkSession.sessionState().sqlParser().parsePlan(sql)
+        except Exception:
+            return  # Spark reports the syntax error when it runs the statement
+        kind = plan.getClass().getSimpleName()
+        if kind in ("CreateTable", "ReplaceTable"):
+            names = list(plan.tableSchema().fieldNames())
+            mode = plan.tableSpec().properties().get(COLUMN_MAPPING_KEY)
+            mapped = mode.isDefined() and str(mode.get()).lower() in ("name", "id")
+        elif kind == "AddColumns":
+            columns = plan.columnsToAdd()
+            names = [columns.apply(i).name().mkString(".") for i in range(columns.size())]
+            parts = plan.table().multipartIdentifier()
+            table = ".".join(quote_ident(parts.apply(i)) for i in range(parts.size()))
+            mapped = self._column_mapping(sess, table)
+        else:
+            return
+        invalid = [n for n in names if INVALID_COLUMN_CHARS.search(n)]
+        if invalid and not mapped:
+            raise invalid_column_names_error(invalid)
+
+    @staticmethod
+    def _column_mapping(sess: Any, table: str) -> bool:
+        """Does the table use Delta column mapping (remembered as a table property)?"""
+        try:
+            rows = sess.sql(f"SHOW TBLPROPERTIES {table}").collect()
+        except Exception:
+            return False
+        return any(r.key == COLUMN_MAPPING_KEY and str(r.value).lower() in ("name", "id") for r in rows)
 
     @staticmethod
     def _databricks_column_names(kind: str, sql: str, table: pa.Table) -> pa.Table:
@@ -1132,6 +1185,12 @@ class Engine:
         reader = sess.read.format(fmt)
         if fmt == "csv":
             reader = reader.option("header", "false")
+        rebase = self.config.get("parquet_datetime_rebase_mode")
+        if fmt == "parquet" and rebase:
+            # Spark 3.x warehouses read Parquet with datetimeRebaseModeInRead = EXCEPTION: a date
+            # before 1582-10-15 (or timestamp) in a file that does not say which calendar wrote it
+            # (no org.apache.spark.version in its footer) fails the read. Spark 4 reads it as is.
+            reader = reader.option("datetimeRebaseMode", str(rebase).upper())
         for k, v in format_options.items():
             reader = reader.option(k, v)
         df = reader.load([str(lp) for _, lp in new_files])
@@ -1143,7 +1202,22 @@ class Engine:
         writer = df.write.mode("errorifexists")
         if parts:
             writer = writer.partitionBy(*parts)
-        writer.parquet(str(staged))
+        try:
+            writer.parquet(str(staged))
+        except Exception as exc:
+            shutil.rmtree(self.storage.txn / txid, ignore_errors=True)
+            if "READ_ANCIENT_DATETIME" in str(exc):  # buried in a task failure: say it as a warehouse does
+                raise SqlError(
+                    "[INCONSISTENT_BEHAVIOR_CROSS_VERSION.READ_ANCIENT_DATETIME] You may get a different result "
+                    "due to the upgrading to Spark >= 3.0: reading dates before 1582-10-15 or timestamps before "
+                    "1900-01-01T00:00:00Z from Parquet files can be ambiguous, as the files may be written by "
+                    "Spark 2.x or legacy versions of Hive, which uses a legacy hybrid calendar that is different "
+                    "from Spark 3.0+'s Proleptic Gregorian calendar. See more details in SPARK-31404. You can set "
+                    "the SQL config \"spark.sql.parquet.datetimeRebaseModeInRead\" or the datasource option "
+                    "\"datetimeRebaseMode\" to \"LEGACY\" to rebase the datetime values w.r.t. the calendar "
+                    "difference during reading. To read the datetime values as it is, set the SQL config or the "
+                    "datasource option to \"CORRECTED\".", "42K0B") from exc
+            raise
         written = [str(p.relative_to(staged)) for p in staged.rglob("*.parquet")]
         rows = sum(pq.ParquetFile(staged / rel).metadata.num_rows for rel in written)
         now = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -1207,11 +1281,15 @@ class Engine:
         target = self.spark.table(table_name).schema
         target_names = {f.name.lower() for f in target.fields}
         extra = [f for f in df.schema.fields if f.name.lower() not in target_names]
+        self._check_decimal_columns(target, df.schema)
         if extra and not merge_schema:
             raise SqlError(
                 "[COPY_INTO_SCHEMA_MISMATCH] A schema mismatch detected when writing to the table: "
                 f"the source has column(s) {', '.join(f.name for f in extra)} that the table does not "
                 "have. Use COPY_OPTIONS ('mergeSchema' = 'true') to add them.", "42KD9")
+        invalid = [f.name for f in extra if INVALID_COLUMN_CHARS.search(f.name)]
+        if invalid and not self._column_mapping(sess, table_name):
+            raise invalid_column_names_error(invalid)
         if extra:
             cols = ", ".join(f"{quote_ident(f.name)} {f.dataType.simpleString()}" for f in extra)
             self.spark.sql(f"ALTER TABLE {table_name} ADD COLUMNS ({cols})")
@@ -1224,6 +1302,29 @@ class Engine:
             else:
                 exprs.append(F.lit(None).cast(f.dataType).alias(f.name))
         return df.select(*exprs)
+
+    @staticmethod
+    def _check_decimal_columns(target: Any, source: Any) -> None:
+        """Delta's schema enforcement merges the file's schema into the table's: a DECIMAL column
+        takes only a DECIMAL it can hold without loss (same or smaller scale and integer digits),
+        never a DOUBLE, FLOAT or integer. (Spark alone would cast, rounding and overflowing.)"""
+        incoming = {f.name.lower(): f for f in source.fields}
+        for column in target.fields:
+            wanted, found = column.dataType, incoming.get(column.name.lower())
+            if found is None or wanted.typeName() != "decimal" or wanted == found.dataType:
+                continue
+            other = found.dataType
+            if other.typeName() == "decimal" and other.scale <= wanted.scale and (
+                    other.precision - other.scale <= wanted.precision - wanted.scale):
+                continue
+
+            def spark_name(t: Any) -> str:
+                return f"DecimalType({t.precision},{t.scale})" if t.typeName() == "decimal" else type(t).__name__
+
+            raise SqlError(
+                f"[DELTA_FAILED_TO_MERGE_FIELDS] Failed to merge fields '{column.name}' and '{found.name}'. "
+                f"[DELTA_MERGE_INCOMPATIBLE_DATATYPE] Failed to merge incompatible data types "
+                f"{spark_name(wanted)} and {spark_name(other)}", "22005")
 
     # ---- metadata RPCs ----
     def _catalog_ok(self, catalog: str | None) -> bool:
@@ -1648,7 +1749,7 @@ class Emulator:
         self.config: dict[str, Any] = {}
         self.storage = Storage(data_dir)
         self.engine = Engine(self.storage, self.stats)
-        self.engine.config = self.config
+        self.engine.config = self.config  # the admin settings reach the SQL engine too
         self.engine.base_url = f"http://127.0.0.1:{port}"
         self.service = ThriftService(self.engine, self.stats, self.config)
         self.processor = TCLIService.Processor(self.service)

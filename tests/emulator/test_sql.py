@@ -14,7 +14,7 @@ from emulator_harness import Emulator
 def test_ddl_dml_round_trip_and_parquet_on_disk(emulator: Emulator, cur: Any, schema: str) -> None:
     t = f"main.`{schema}`.`my_table`"
     cur.execute(f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT, `odd name` STRING, ts TIMESTAMP, "
-                "ntz TIMESTAMP_NTZ) USING DELTA")
+                "ntz TIMESTAMP_NTZ) USING DELTA TBLPROPERTIES ('delta.columnMapping.mode' = 'name')")
     cur.execute(f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT)")  # no-op
     cur.execute(f"INSERT INTO {t} VALUES (1, 'a', TIMESTAMP'2024-03-01 12:00:00+02:00', "
                 "TIMESTAMP_NTZ'2024-03-01 12:00:00'), (2, NULL, NULL, NULL)")
