@@ -2481,6 +2481,7 @@ class DatabricksTarget:
         self.arrow_schema: Any = None
         self.volume: tuple[str, str, str, str] | None = None
         self.method: str | None = None  # "copy" or "insert", decided once per run
+        self.native_params = True  # False on clusters older than Databricks Runtime 14.2
         self.auth = self._auth()
         if self.endpoint.plain_http:
             LOG.warning("databricks_host uses plain http://: the token travels unencrypted. Use this only "
@@ -2551,7 +2552,20 @@ class DatabricksTarget:
                         "Verification is never turned off. If a proxy re-signs TLS traffic or the workspace "
                         "uses a private CA, point SSL_CERT_FILE at a PEM bundle that includes that CA.")
             raise error from None
+        self._check_native_parameters()
         return self.connection
+
+    def _check_native_parameters(self) -> None:
+        """Native query parameters need a server protocol of Databricks Runtime 14.2 or later; SQL
+        warehouses have it, older all-purpose clusters do not (they would ignore the values)."""
+        connection = self.connection
+        version = getattr(connection, "protocol_version", None)
+        supported = getattr(connection, "server_parameterized_queries_enabled", None)
+        native = bool(supported(version)) if callable(supported) and version is not None else True
+        if not native and self.native_params:
+            LOG.info("The cluster's runtime predates native query parameters (Databricks Runtime 14.2, protocol "
+                     "version %s): the uploader sends its few values as SQL literals instead.", version)
+        self.native_params = native
 
     def _drop_connection(self) -> None:
         connection, self.connection = self.connection, None
@@ -2599,6 +2613,8 @@ class DatabricksTarget:
         def run(cursor: Any) -> list:
             if input_stream is not None:
                 cursor.execute(statement, input_stream=input_stream)
+            elif parameters and not self.native_params:
+                cursor.execute(inline_parameters(statement, parameters))
             else:
                 cursor.execute(statement, parameters)
             return cursor.fetchall() if fetch else []
@@ -2686,17 +2702,23 @@ class DatabricksTarget:
         return pa.field(column, pa.timestamp("us", tz="UTC") if column == "_uploaded_at" else pa.string())
 
     def _ensure_support_objects(self) -> None:
-        """Schema, progress table and (bulk path) the staging volume."""
-        create = self.settings.create_table
-        if create:
+        """Schema, progress table and (bulk path) the staging volume, each created only when missing:
+        Unity Catalog checks the CREATE privilege even for CREATE ... IF NOT EXISTS of an existing
+        object, and a least-privilege service principal has none."""
+        progress_columns = self.describe_columns(PROGRESS_TABLE)
+        if progress_columns is None and self.settings.create_table:
             schema_name = (f"{quote_db_ident(self.catalog)}.{quote_db_ident(self.schema_name)}"
                            if self.catalog else quote_db_ident(self.schema_name))
-            self.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_name}", doing="creating the schema")
-            self.execute(
+            if not self._schema_exists(schema_name):
+                catalog = quote_db_ident(self.catalog or self._current_catalog())
+                self._create(f"CREATE SCHEMA IF NOT EXISTS {schema_name}", f"the schema {schema_name}",
+                             f"CREATE SCHEMA ON CATALOG {catalog}")
+            self._create(
                 f"CREATE TABLE IF NOT EXISTS {self.qualified(PROGRESS_TABLE)} (app_id STRING, seq BIGINT, "
                 "node_id STRING, watermark STRING, before STRING, last_loc STRING, row_count BIGINT, "
-                "recorded_at TIMESTAMP, load_method STRING, staged_file STRING)", doing="creating the progress table")
-        progress_columns = self.describe_columns(PROGRESS_TABLE)
+                "recorded_at TIMESTAMP, load_method STRING, staged_file STRING)",
+                f"the progress table {self.qualified(PROGRESS_TABLE)}", f"CREATE TABLE ON SCHEMA {schema_name}")
+            progress_columns = self.describe_columns(PROGRESS_TABLE)
         if progress_columns is None:
             raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
                               "create_table is off. Create it (see README) or allow create_table.")
@@ -2706,6 +2728,28 @@ class DatabricksTarget:
             raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
                               "exactly-once: add batch_id to lineage_columns (LINEAGE_COLUMNS=batch_id), or "
                               "give the uploader a usable staging volume.")
+
+    def _schema_exists(self, schema_name: str) -> bool:
+        try:
+            self.execute(f"DESCRIBE SCHEMA {schema_name}", fetch=True, doing="looking for the schema")
+        except UploaderError as exc:
+            if "SCHEMA_NOT_FOUND" in str(exc) or "NO_SUCH_CATALOG" in str(exc):
+                return False
+            raise
+        return True
+
+    def _create(self, statement: str, what: str, grant: str) -> None:
+        """Create a missing object; without the privilege, say what an admin has to do."""
+        try:
+            self.execute(statement, doing=f"creating {what}")
+        except UploaderError as exc:
+            if isinstance(exc, TransientError) or "PERMISSION_DENIED" not in str(exc):
+                raise
+            said = re.search(r"PERMISSION_DENIED\]?:?\s*([^.\n]*)", str(exc))
+            raise ConfigError(f"{what[0].upper()}{what[1:]} does not exist, and these credentials may not create it "
+                              f"(Databricks: {said.group(1) if said else 'PERMISSION_DENIED'}). Have an admin run "
+                              f"`{statement}`, or grant `{grant} TO <this principal>` (README: Databricks privileges)."
+                              ) from None
 
     def _ensure_staged_file_column(self, columns: dict[str, str]) -> None:
         """Progress tables made before staged files were named per attempt lack the column."""
@@ -2732,6 +2776,10 @@ class DatabricksTarget:
             return "insert"
         if setting.lower() == "auto":
             catalog = self.catalog or self._current_catalog()
+            if catalog.lower() in NO_VOLUME_CATALOGS:
+                LOG.info("The catalog %s cannot hold volumes (they exist only in Unity Catalog): loading with "
+                         "INSERT statements.", catalog)
+                return "insert"
             self.volume = (catalog, self.schema_name, "sqlite_uploader_staging", "")
             if not volume_path_is_safe(self.volume):
                 LOG.warning("The schema or catalog name holds a quote, backslash or control character, which "
@@ -2739,11 +2787,16 @@ class DatabricksTarget:
                 return "insert"
         else:
             self.volume = parse_volume(setting)
+            if self.volume[0].lower() in NO_VOLUME_CATALOGS:
+                raise ConfigError(f"staging_volume {setting} is in the catalog {self.volume[0]}, which cannot hold "
+                                  "volumes (they exist only in Unity Catalog). Name a volume in a Unity Catalog "
+                                  "catalog, or set staging_volume to none (or auto) to load with INSERT statements.")
         catalog, schema, volume, _ = self.volume
         name = ".".join(quote_db_ident(p) for p in (catalog, schema, volume))
         try:
-            if self.settings.create_table:
-                self.execute(f"CREATE VOLUME IF NOT EXISTS {name}", doing="creating the staging volume")
+            if self.settings.create_table and not self._volume_exists(catalog, schema, volume):
+                self._create(f"CREATE VOLUME IF NOT EXISTS {name}", f"the staging volume {name}",
+                             f"CREATE VOLUME ON SCHEMA {quote_db_ident(catalog)}.{quote_db_ident(schema)}")
             probe = f"{self.volume_dir(None)}/.probe-{uuid.uuid4().hex}"  # pids repeat across containers
             import io
 
@@ -2758,6 +2811,13 @@ class DatabricksTarget:
             return "insert"
         LOG.info("Loading through the staging volume /Volumes/%s/%s/%s with COPY INTO.", catalog, schema, volume)
         return "copy"
+
+    def _volume_exists(self, catalog: str, schema: str, volume: str) -> bool:
+        rows = self.execute(f"SHOW VOLUMES IN {quote_db_ident(catalog)}.{quote_db_ident(schema)}", fetch=True,
+                            doing="looking for the staging volume")
+        names = {str(row.asDict().get("volume_name", row[-1]) if hasattr(row, "asDict") else row[-1]).lower()
+                 for row in rows}
+        return volume.lower() in names
 
     def _current_catalog(self) -> str:
         rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
@@ -2774,7 +2834,9 @@ class DatabricksTarget:
             raise ConfigError(f"Table {self.full_name} does not exist and create_table is off. Create it "
                               "(README: Databricks table setup) or set create_table: true.")
         columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in schema)
-        self.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns})", doing="creating the table")
+        parent = self.full_name.rsplit(".", 1)[0]
+        self._create(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns})", f"the table {self.full_name}",
+                     f"CREATE TABLE ON SCHEMA {parent}")
         LOG.info("Created table %s (%s).", self.full_name, columns)
         self.columns = {f.name: databricks_type(f.type) for f in schema}
 
@@ -2910,13 +2972,23 @@ class DatabricksTarget:
                           "this batch, then run again.")
 
     def _write_insert(self, batch: Batch, rows: Any) -> None:
+        try:
+            chunks = list(literal_chunks(rows, MAX_STATEMENT_BYTES, MAX_ROW_STATEMENT_BYTES))
+        except RowTooLarge as exc:
+            # Checked before the batch is recorded: nothing of it is loaded, and a staging volume
+            # can still take it as Parquet on the next run.
+            raise ConfigError(f"Row {exc.index + 1} of batch {batch.seq} ({exc.names}) needs {exc.size:,} bytes "
+                              f"as SQL text, more than a Databricks statement can carry ({MAX_ROW_STATEMENT_BYTES:,}). "
+                              "Nothing of this batch was loaded. Load through a staging volume (staging_volume: "
+                              "auto or a /Volumes path, with READ VOLUME and WRITE VOLUME), which takes rows of "
+                              "any size as Parquet.") from None
         self._record(batch, "insert")
         names = [f.name for f in rows.schema]
         guard = "_batch_id"
         column_list = ", ".join(quote_db_ident(n) for n in names)
         aliases = ", ".join(f"c{i}" for i in range(len(names)))
         batch_index = names.index(guard)
-        for part, chunk in enumerate(literal_chunks(rows, MAX_STATEMENT_BYTES)):
+        for part, chunk in enumerate(chunks):
             part_id = f"{batch.app_id}:{batch.seq}.{part}"
             values = ", ".join("(" + ", ".join(
                 sql_literal(part_id) if i == batch_index else literal for i, literal in enumerate(row)) + ")"
@@ -2965,6 +3037,10 @@ class DatabricksTarget:
 
 
 MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
+# A row larger than that budget goes alone in its statement, up to the maximum query text size
+# Databricks documents (16 MiB), less room for the statement around the row.
+MAX_ROW_STATEMENT_BYTES = 16 * 1024 * 1024 - 64 * 1024
+NO_VOLUME_CATALOGS = ("hive_metastore",)  # the pre-Unity Catalog metastore: tables, but no volumes
 
 
 # Error texts, when the connector gives no HTTP status: whole words only, since file names and
@@ -3006,17 +3082,37 @@ def copy_inserted_rows(result: list) -> int | None:
     return int(value) if value is not None else None
 
 
+def inline_parameters(statement: str, parameters: dict[str, Any]) -> str:
+    """`:name` markers replaced by SQL literals, for servers without native parameters. The
+    uploader's own statements carry no string that could hold a marker."""
+    for name in sorted(parameters, key=len, reverse=True):
+        statement = re.sub(rf":{re.escape(name)}\b", lambda _m, n=name: sql_literal(parameters[n]), statement)
+    return statement
+
+
 def safe_file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
-def literal_chunks(rows: Any, limit: int) -> Iterator[list[list[str]]]:
-    """Rows rendered as SQL literals, grouped so each INSERT stays under `limit` bytes."""
+class RowTooLarge(ValueError):
+    """One row whose literals alone exceed the statement budget."""
+
+    def __init__(self, index: int, size: int, names: str):
+        super().__init__(f"row {index} is {size} bytes")
+        self.index, self.size, self.names = index, size, names
+
+
+def literal_chunks(rows: Any, limit: int, row_limit: int) -> Iterator[list[list[str]]]:
+    """Rows rendered as SQL literals, grouped so each INSERT stays under `limit` bytes; a larger
+    row goes alone, and one over `row_limit` raises RowTooLarge."""
     chunk: list[list[str]] = []
     size = 0
-    for record in rows.to_pylist():
+    for index, record in enumerate(rows.to_pylist()):
         literals = [sql_literal(v) for v in record.values()]
         length = sum(len(x) + 2 for x in literals) + 4
+        if length > row_limit:
+            shown = [f"{k} = {v!r}" for k, v in record.items() if not isinstance(v, (str, bytes)) or len(v) <= 40]
+            raise RowTooLarge(index, length, ", ".join(shown[:3]) or "no short column to name it by")
         if chunk and size + length > limit:
             yield chunk
             chunk, size = [], 0

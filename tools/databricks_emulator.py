@@ -57,6 +57,7 @@ from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
 
 MAX_PARAMETERS = 255  # Databricks documents at most 255 parameter markers per statement
+MAX_QUERY_TEXT_BYTES = 16 * 1024 * 1024  # Databricks' documented maximum query text size (16 MiB)
 # Volumes are a Unity Catalog feature: the legacy per-workspace metastore has none.
 NO_VOLUME_CATALOGS = ("hive_metastore",)
 DEFAULT_CATALOGS = ("main", "hive_metastore", "spark_catalog", "workspace")
@@ -852,6 +853,9 @@ class Engine:
     # ---- execution ----
     def execute(self, sess: Any, sql: str, params: list[T.TSparkParameter] | None,
                 may_create: bool = True) -> Result:
+        if len(sql.encode("utf-8", "surrogatepass")) > MAX_QUERY_TEXT_BYTES:
+            raise SqlError(f"[QUERY_TEXT_TOO_LARGE] The statement text is {len(sql.encode('utf-8', 'surrogatepass'))} "
+                           f"bytes; the maximum query text size is {MAX_QUERY_TEXT_BYTES} bytes (16 MiB).", "54000")
         sql = strip_sql(sql)
         kind = classify_statement(sql)
         self.stats.bump("statements", kind)
