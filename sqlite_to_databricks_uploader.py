@@ -2437,7 +2437,9 @@ class ServicePrincipalAuth:
             except urllib.error.HTTPError as exc:
                 if exc.code in (400, 401, 403):
                     raise ConfigError(f"The service principal was refused by {self.token_url} (HTTP {exc.code}): "
-                                      "check DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET.") from None
+                                      "check DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET. The secret must be a "
+                                      "Databricks OAuth secret of the principal: an Azure Entra ID client secret is "
+                                      "not accepted here (README: Credentials).") from None
                 raise TransientError(f"OAuth token request failed (HTTP {exc.code}).") from None
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise TransientError(f"OAuth token request to {self.token_url} failed: {exc}") from None

@@ -64,7 +64,7 @@ def test_restricted_principal_names_the_missing_schema(emulator: Emulator, schem
 def test_hive_metastore_loads_with_insert_and_says_why(emulator: Emulator, schema: str, tmp_path: Path) -> None:
     db = make_sensor_db(tmp_path / "sensor.db", 12)
     env = base_env(emulator, DATABRICKS_CATALOG="hive_metastore", LINEAGE_COLUMNS="batch_id")
-    result = upload(emulator, db, tmp_path / "state", schema, "--batch-size", "5", env=env)
+    result = upload(emulator, db, tmp_path / "state", schema, env=env)
     assert uploaded_in(result.stderr) == 12
     assert result.stderr.count("cannot hold volumes") == 1, result.stderr[-3000:]
     assert "Grant READ VOLUME" not in result.stderr  # no advice that cannot help
@@ -87,7 +87,7 @@ def test_a_cluster_without_native_parameters_gets_literals(emulator: Emulator, s
     state = tmp_path / "state"
     emulator.set_config(protocol_version=7)
     try:
-        first = upload(emulator, db, state, schema, "--batch-size", "5")
+        first = upload(emulator, db, state, schema)  # records its batch with values
         add_sensor_rows(db, 3, datetime(2031, 1, 1, tzinfo=timezone.utc))
         second = upload(emulator, db, state, schema)  # reads its progress record back by app id
     finally:
