@@ -2479,11 +2479,11 @@ class DatabricksTarget:
             raise ConfigError(f"The target table cannot be named {PROGRESS_TABLE}: the uploader keeps its progress "
                               "records there. Set databricks_table to another name.")
         self.connection: Any = None
+        self.inline_told = False  # said once that this cluster has no native parameters
         self.columns: dict[str, str] | None = None  # target column -> Databricks type, once checked
         self.arrow_schema: Any = None
         self.volume: tuple[str, str, str, str] | None = None
         self.method: str | None = None  # "copy" or "insert", decided once per run
-        self.native_params = True  # False on clusters older than Databricks Runtime 14.2
         self.auth = self._auth()
         if self.endpoint.plain_http:
             LOG.warning("databricks_host uses plain http://: the token travels unencrypted. Use this only "
@@ -2554,26 +2554,26 @@ class DatabricksTarget:
                         "Verification is never turned off. If a proxy re-signs TLS traffic or the workspace "
                         "uses a private CA, point SSL_CERT_FILE at a PEM bundle that includes that CA.")
             raise error from None
-        self._check_native_parameters()
         return self.connection
-
-    def _check_native_parameters(self) -> None:
-        """Native query parameters need a server protocol of Databricks Runtime 14.2 or later; SQL
-        warehouses have it, older all-purpose clusters do not (they would ignore the values)."""
-        connection = self.connection
-        version = getattr(connection, "protocol_version", None)
-        supported = getattr(connection, "server_parameterized_queries_enabled", None)
-        native = bool(supported(version)) if callable(supported) and version is not None else True
-        if not native and self.native_params:
-            LOG.info("The cluster's runtime predates native query parameters (Databricks Runtime 14.2, protocol "
-                     "version %s): the uploader sends its few values as SQL literals instead.", version)
-        self.native_params = native
 
     def _drop_connection(self) -> None:
         connection, self.connection = self.connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.close()
+
+    def _native_parameters(self) -> bool:
+        """Native query parameters need a server protocol of Databricks Runtime 14.2 or later; SQL
+        warehouses have it, older all-purpose clusters do not (they would ignore the values)."""
+        connection = self.connection
+        version = getattr(connection, "protocol_version", None)
+        supported = getattr(connection, "server_parameterized_queries_enabled", None)
+        native = bool(supported(version)) if callable(supported) and version is not None else True
+        if not native and not self.inline_told:
+            self.inline_told = True
+            LOG.info("The cluster's runtime predates native query parameters (Databricks Runtime 14.2, protocol "
+                     "version %s): the uploader sends its few values as SQL literals instead.", version)
+        return native
 
     def _classify(self, exc: Exception, doing: str) -> UploaderError:
         """Turn connector and transport errors into the uploader's two kinds, with a clear message."""
@@ -2615,7 +2615,7 @@ class DatabricksTarget:
         def run(cursor: Any) -> list:
             if input_stream is not None:
                 cursor.execute(statement, input_stream=input_stream)
-            elif parameters and not self.native_params:
+            elif parameters and not self._native_parameters():
                 cursor.execute(inline_parameters(statement, parameters))
             else:
                 cursor.execute(statement, parameters)
@@ -2814,16 +2814,16 @@ class DatabricksTarget:
         LOG.info("Loading through the staging volume /Volumes/%s/%s/%s with COPY INTO.", catalog, schema, volume)
         return "copy"
 
+    def _current_catalog(self) -> str:
+        rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
+        return str(rows[0][0])
+
     def _volume_exists(self, catalog: str, schema: str, volume: str) -> bool:
         rows = self.execute(f"SHOW VOLUMES IN {quote_db_ident(catalog)}.{quote_db_ident(schema)}", fetch=True,
                             doing="looking for the staging volume")
         names = {str(row.asDict().get("volume_name", row[-1]) if hasattr(row, "asDict") else row[-1]).lower()
                  for row in rows}
         return volume.lower() in names
-
-    def _current_catalog(self) -> str:
-        rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
-        return str(rows[0][0])
 
     def volume_dir(self, app_id: str | None) -> str:
         assert self.volume is not None
@@ -3084,16 +3084,16 @@ def copy_inserted_rows(result: list) -> int | None:
     return int(value) if value is not None else None
 
 
+def safe_file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
 def inline_parameters(statement: str, parameters: dict[str, Any]) -> str:
     """`:name` markers replaced by SQL literals, for servers without native parameters. The
     uploader's own statements carry no string that could hold a marker."""
     for name in sorted(parameters, key=len, reverse=True):
         statement = re.sub(rf":{re.escape(name)}\b", lambda _m, n=name: sql_literal(parameters[n]), statement)
     return statement
-
-
-def safe_file_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
 class RowTooLarge(ValueError):

@@ -291,6 +291,41 @@ def sql_string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+CREATE_RE = re.compile(
+    r"^CREATE\s+(?:OR\s+REPLACE\s+)?(?:EXTERNAL\s+|TEMPORARY\s+|TEMP\s+|MANAGED\s+)?"
+    r"(SCHEMA|DATABASE|TABLE|VOLUME|VIEW|CATALOG|FUNCTION)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"((?:`(?:[^`]|``)+`|\w+)(?:\.(?:`(?:[^`]|``)+`|\w+))*)", re.I | re.S)
+
+
+def refuse_create(sql: str, current_schema: str) -> None:
+    """Unity Catalog's answer to a CREATE from a principal without the CREATE privilege. It checks
+    the privilege on the parent before it looks whether the object exists (IF NOT EXISTS or not)."""
+    sql = strip_sql(sql)
+    if classify_statement(sql) != "CREATE":
+        return
+    m = CREATE_RE.match(sql)
+    kind = m.group(1).upper() if m else "object"
+    parts = split_name(m.group(2)) if m else []
+    if kind in ("SCHEMA", "DATABASE"):
+        privilege, on = "CREATE SCHEMA", f"Catalog '{parts[0] if len(parts) > 1 else 'main'}'"
+    elif kind == "CATALOG":
+        privilege, on = "CREATE CATALOG", "Metastore 'metastore'"
+    else:
+        parent = parts[:-1] if len(parts) > 1 else [current_schema]
+        parent = parent if len(parent) == 2 else ["main", *parent]
+        privilege, on = f"CREATE {'TABLE' if kind == 'VIEW' else kind}", f"Schema '{'.'.join(parent)}'"
+    raise SqlError(f"[PERMISSION_DENIED] User does not have {privilege} on {on}. SQLSTATE: 42501", "42501")
+
+
+def no_volumes_in(catalog: str, what: str) -> SqlError | None:
+    """Volumes live in Unity Catalog; the legacy hive_metastore catalog cannot hold one."""
+    if catalog.lower() not in NO_VOLUME_CATALOGS:
+        return None
+    return SqlError(f"[UC_COMMAND_NOT_SUPPORTED.WITHOUT_RECOMMENDATION] The command(s): {what} in catalog "
+                    f"`{catalog}` are not supported in Unity Catalog. Volumes exist only in Unity Catalog "
+                    "catalogs. SQLSTATE: 0AKUC", "0AKUC")
+
+
 _TOKEN_RE = re.compile(
     r"""(?P<ws>\s+)|(?P<lc>--[^\n]*)|(?P<bc>/\*.*?\*/)|(?P<str>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.)*")"""
     r"""|(?P<bt>`(?:[^`]|``)*`)|(?P<word>[A-Za-z_][A-Za-z0-9_]*)|(?P<dot>\.)|(?P<other>.)""",
@@ -706,38 +741,6 @@ def split_name(name: str) -> list[str]:
     return [unquote_ident(p) for p in re.findall(r"`(?:[^`]|``)*`|[^.`]+", name)]
 
 
-CREATE_RE = re.compile(
-    r"^CREATE\s+(?:OR\s+REPLACE\s+)?(?:EXTERNAL\s+|TEMPORARY\s+|TEMP\s+|MANAGED\s+)?"
-    r"(SCHEMA|DATABASE|TABLE|VOLUME|VIEW|CATALOG|FUNCTION)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
-    r"((?:`(?:[^`]|``)+`|\w+)(?:\.(?:`(?:[^`]|``)+`|\w+))*)", re.I | re.S)
-
-
-def permission_denied(sql: str, current_schema: str) -> SqlError:
-    """Unity Catalog's answer to a CREATE from a principal without the CREATE privilege. It checks
-    the privilege on the parent before it looks whether the object exists (IF NOT EXISTS or not)."""
-    m = CREATE_RE.match(sql)
-    kind = m.group(1).upper() if m else "object"
-    parts = split_name(m.group(2)) if m else []
-    if kind in ("SCHEMA", "DATABASE"):
-        privilege, on = "CREATE SCHEMA", f"Catalog '{parts[0] if len(parts) > 1 else 'main'}'"
-    elif kind == "CATALOG":
-        privilege, on = "CREATE CATALOG", "Metastore 'metastore'"
-    else:
-        parent = parts[:-1] if len(parts) > 1 else [current_schema]
-        parent = parent if len(parent) == 2 else ["main", *parent]
-        privilege, on = f"CREATE {'TABLE' if kind == 'VIEW' else kind}", f"Schema '{'.'.join(parent)}'"
-    return SqlError(f"[PERMISSION_DENIED] User does not have {privilege} on {on}. SQLSTATE: 42501", "42501")
-
-
-def no_volumes_in(catalog: str, what: str) -> SqlError | None:
-    """Volumes live in Unity Catalog; the legacy hive_metastore catalog cannot hold one."""
-    if catalog.lower() not in NO_VOLUME_CATALOGS:
-        return None
-    return SqlError(f"[UC_COMMAND_NOT_SUPPORTED.WITHOUT_RECOMMENDATION] The command(s): {what} in catalog "
-                    f"`{catalog}` are not supported in Unity Catalog. Volumes exist only in Unity Catalog "
-                    "catalogs. SQLSTATE: 0AKUC", "0AKUC")
-
-
 class Engine:
     def __init__(self, storage: Storage, stats: Stats) -> None:
         self.storage = storage
@@ -851,16 +854,13 @@ class Engine:
         return self.spark.newSession()
 
     # ---- execution ----
-    def execute(self, sess: Any, sql: str, params: list[T.TSparkParameter] | None,
-                may_create: bool = True) -> Result:
+    def execute(self, sess: Any, sql: str, params: list[T.TSparkParameter] | None) -> Result:
         if len(sql.encode("utf-8", "surrogatepass")) > MAX_QUERY_TEXT_BYTES:
             raise SqlError(f"[QUERY_TEXT_TOO_LARGE] The statement text is {len(sql.encode('utf-8', 'surrogatepass'))} "
                            f"bytes; the maximum query text size is {MAX_QUERY_TEXT_BYTES} bytes (16 MiB).", "54000")
         sql = strip_sql(sql)
         kind = classify_statement(sql)
         self.stats.bump("statements", kind)
-        if kind == "CREATE" and not may_create:
-            raise permission_denied(sql, sess.catalog.currentDatabase())
         with self.lock:
             try:
                 result = self._dispatch(sess, sql, kind, params)
@@ -986,6 +986,24 @@ class Engine:
     def _schema_exists(self, schema: str) -> bool:
         return bool(self.spark.catalog.databaseExists(schema))
 
+    def _show_volumes(self, sess: Any, m: re.Match[str]) -> Result:
+        """SHOW VOLUMES [IN catalog.schema] [LIKE 'pattern'] (`*` any text, `|` alternatives)."""
+        parts = split_name(m.group(1)) if m.group(1) else [sess.catalog.currentDatabase()]
+        catalog, schema = (parts[0], parts[1]) if len(parts) == 2 else ("main", parts[0])
+        refused = no_volumes_in(catalog, "SHOW VOLUMES")
+        if refused:
+            raise refused
+        if not self._schema_exists(schema):
+            raise SqlError(f"[SCHEMA_NOT_FOUND] The schema `{catalog}`.`{schema}` cannot be found.", "42704")
+        pattern = parse_string_literal(m.group(2)) if m.group(2) else "*"
+        matches = re.compile("|".join("(?:" + ".*".join(re.escape(p) for p in alt.strip().split("*")) + ")"
+                                      for alt in pattern.split("|")), re.I)
+        base = self.storage.volumes / catalog / schema
+        names = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        names = [n for n in names if matches.fullmatch(n)]
+        return Result(pa.table({"database_name": pa.array([schema] * len(names), pa.string()),
+                                "volume_name": pa.array(names, pa.string())}))
+
     def _volume_ddl(self, sess: Any, m: re.Match[str]) -> Result:
         parts = split_name(m.group(3))
         if len(parts) == 3:
@@ -1012,24 +1030,6 @@ class Engine:
                                "does not exist.", "42704")
             shutil.rmtree(vdir, ignore_errors=True)
         return empty_result()
-
-    def _show_volumes(self, sess: Any, m: re.Match[str]) -> Result:
-        """SHOW VOLUMES [IN catalog.schema] [LIKE 'pattern'] (`*` any text, `|` alternatives)."""
-        parts = split_name(m.group(1)) if m.group(1) else [sess.catalog.currentDatabase()]
-        catalog, schema = (parts[0], parts[1]) if len(parts) == 2 else ("main", parts[0])
-        refused = no_volumes_in(catalog, "SHOW VOLUMES")
-        if refused:
-            raise refused
-        if not self._schema_exists(schema):
-            raise SqlError(f"[SCHEMA_NOT_FOUND] The schema `{catalog}`.`{schema}` cannot be found.", "42704")
-        pattern = parse_string_literal(m.group(2)) if m.group(2) else "*"
-        matches = re.compile("|".join("(?:" + ".*".join(re.escape(p) for p in alt.strip().split("*")) + ")"
-                                      for alt in pattern.split("|")), re.I)
-        base = self.storage.volumes / catalog / schema
-        names = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-        names = [n for n in names if matches.fullmatch(n)]
-        return Result(pa.table({"database_name": pa.array([schema] * len(names), pa.string()),
-                                "volume_name": pa.array(names, pa.string())}))
 
     # ---- PUT / GET / REMOVE: answer with a presigned URL back to this server ----
     def _staging(self, sql: str, kind: str) -> Result:
@@ -1509,7 +1509,9 @@ class ThriftService:
 
         def run() -> Result:
             sess.spark.sparkContext.setJobGroup(group, req.statement[:200], True)
-            return self.engine.execute(sess.spark, req.statement, params, may_create)
+            if not may_create:
+                refuse_create(req.statement, sess.spark.catalog.currentDatabase())
+            return self.engine.execute(sess.spark, req.statement, params)
 
         if req.getDirectResults is None:
             # Async execution (cursor.execute_async): the client polls GetOperationStatus.
