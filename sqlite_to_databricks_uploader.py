@@ -2676,7 +2676,11 @@ class DatabricksTarget:
             self._ensure_support_objects()
             self.columns = self.describe_columns(self.table_name)
             if self.columns is None:
-                self._create_table(wanted)
+                try:
+                    self._create_table(wanted)
+                except UploaderError as exc:
+                    raise self._denied(exc, f"the table {self.full_name}", "CREATE TABLE ON SCHEMA "
+                                       f"{self.full_name.rsplit('.', 1)[0]}") from None
         existing = {name.lower(): (name, kind) for name, kind in self.columns.items()}
         fields, missing, clashes = [], [], []
         for source_field in wanted:
@@ -2745,13 +2749,18 @@ class DatabricksTarget:
         try:
             self.execute(statement, doing=f"creating {what}")
         except UploaderError as exc:
-            if isinstance(exc, TransientError) or "PERMISSION_DENIED" not in str(exc):
-                raise
-            said = re.search(r"PERMISSION_DENIED\]?:?\s*([^.\n]*)", str(exc))
-            raise ConfigError(f"{what[0].upper()}{what[1:]} does not exist, and these credentials may not create it "
-                              f"(Databricks: {said.group(1) if said else 'PERMISSION_DENIED'}). Have an admin run "
-                              f"`{statement}`, or grant `{grant} TO <this principal>` (README: Databricks privileges)."
-                              ) from None
+            raise self._denied(exc, what, grant, statement) from None
+
+    @staticmethod
+    def _denied(exc: UploaderError, what: str, grant: str, statement: str | None = None) -> UploaderError:
+        """A refused CREATE as one message naming the object, the privilege and the fix; other errors as they are."""
+        if isinstance(exc, TransientError) or "PERMISSION_DENIED" not in str(exc):
+            return exc
+        said = re.search(r"PERMISSION_DENIED\]?:?\s*([^.\n]*)", str(exc))
+        fix = f"Have an admin run `{statement}`" if statement else "Have an admin create it (README: Tables and types)"
+        return ConfigError(f"{what[0].upper()}{what[1:]} does not exist, and these credentials may not create it "
+                           f"(Databricks: {said.group(1) if said else 'PERMISSION_DENIED'}). {fix}, or grant "
+                           f"`{grant} TO <this principal>` (README: Databricks privileges).")
 
     def _ensure_staged_file_column(self, columns: dict[str, str]) -> None:
         """Progress tables made before staged files were named per attempt lack the column."""
@@ -2836,9 +2845,7 @@ class DatabricksTarget:
             raise ConfigError(f"Table {self.full_name} does not exist and create_table is off. Create it "
                               "(README: Databricks table setup) or set create_table: true.")
         columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in schema)
-        parent = self.full_name.rsplit(".", 1)[0]
-        self._create(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns})", f"the table {self.full_name}",
-                     f"CREATE TABLE ON SCHEMA {parent}")
+        self.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns})", doing="creating the table")
         LOG.info("Created table %s (%s).", self.full_name, columns)
         self.columns = {f.name: databricks_type(f.type) for f in schema}
 
