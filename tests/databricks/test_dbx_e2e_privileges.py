@@ -48,6 +48,11 @@ def test_restricted_principal_loads_into_objects_that_exist(emulator: Emulator, 
     assert uploaded_in(second.stderr) == 10, second.stderr[-3000:]
     assert "through the staging volume" in second.stderr  # still the bulk path
     assert count(emulator, schema) == {"n": 30, "d": 30}
+    # A target table that does not exist yet: named, with the privilege an admin can grant.
+    other = upload(emulator, db, tmp_path / "state2", schema, "--databricks-table", "readings", env=restricted,
+                   expect=2)
+    assert f"table `{schema}`.`readings` does not exist" in other.stderr, other.stderr[-3000:]
+    assert f"CREATE TABLE ON SCHEMA `{schema}`" in other.stderr, other.stderr[-3000:]
 
 
 def test_restricted_principal_names_the_missing_schema(emulator: Emulator, schema: str, tmp_path: Path,
