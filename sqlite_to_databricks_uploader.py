@@ -2493,7 +2493,9 @@ class ServicePrincipalAuth:
             except urllib.error.HTTPError as exc:
                 if exc.code in (400, 401, 403):
                     raise ConfigError(f"The service principal was refused by {self.token_url} (HTTP {exc.code}): "
-                                      "check DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET.") from None
+                                      "check DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET. The secret must be a "
+                                      "Databricks OAuth secret of the principal: an Azure Entra ID client secret is "
+                                      "not accepted here (README: Credentials).") from None
                 raise TransientError(f"OAuth token request failed (HTTP {exc.code}).") from None
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise TransientError(f"OAuth token request to {self.token_url} failed: {exc}") from None
@@ -2545,6 +2547,7 @@ class DatabricksTarget:
             raise ConfigError(f"The target table cannot be named {PROGRESS_TABLE}: the uploader keeps its progress "
                               "records there. Set databricks_table to another name.")
         self.connection: Any = None
+        self.inline_told = False  # said once that this cluster has no native parameters
         self.columns: dict[str, str] | None = None  # target column -> Databricks type, once checked
         self.arrow_schema: Any = None
         self.volume: tuple[str, str, str, str] | None = None
@@ -2629,6 +2632,19 @@ class DatabricksTarget:
             with contextlib.suppress(Exception):
                 connection.close()
 
+    def _native_parameters(self) -> bool:
+        """Native query parameters need a server protocol of Databricks Runtime 14.2 or later; SQL
+        warehouses have it, older all-purpose clusters do not (they would ignore the values)."""
+        connection = self.connection
+        version = getattr(connection, "protocol_version", None)
+        supported = getattr(connection, "server_parameterized_queries_enabled", None)
+        native = bool(supported(version)) if callable(supported) and version is not None else True
+        if not native and not self.inline_told:
+            self.inline_told = True
+            LOG.info("The cluster's runtime predates native query parameters (Databricks Runtime 14.2, protocol "
+                     "version %s): the uploader sends its few values as SQL literals instead.", version)
+        return native
+
     def _classify(self, exc: Exception, doing: str) -> UploaderError:
         """Turn connector and transport errors into the uploader's two kinds, with a clear message."""
         text = str(exc) or type(exc).__name__
@@ -2675,6 +2691,8 @@ class DatabricksTarget:
             if input_stream is not None:
                 input_stream.seek(0)
                 cursor.execute(statement, input_stream=input_stream)
+            elif parameters and not self._native_parameters():
+                cursor.execute(inline_parameters(statement, parameters))
             else:
                 cursor.execute(statement, parameters)
             return cursor.fetchall() if fetch else []
@@ -2755,7 +2773,11 @@ class DatabricksTarget:
             self._ensure_support_objects()
             self.columns = self.describe_columns(self.table_name)
             if self.columns is None:
-                self._create_table(wanted)
+                try:
+                    self._create_table(wanted)
+                except UploaderError as exc:
+                    raise self._denied(exc, f"the table {self.full_name}", "CREATE TABLE ON SCHEMA "
+                                       f"{self.full_name.rsplit('.', 1)[0]}") from None
         existing = {name.lower(): (name, kind) for name, kind in self.columns.items()}
         fields, missing, clashes = [], [], []
         for source_field in wanted:
@@ -2801,17 +2823,23 @@ class DatabricksTarget:
         return pa.field(column, pa.timestamp("us", tz="UTC") if column == "_uploaded_at" else pa.string())
 
     def _ensure_support_objects(self) -> None:
-        """Schema, progress table and (bulk path) the staging volume."""
-        create = self.settings.create_table
-        if create:
+        """Schema, progress table and (bulk path) the staging volume, each created only when missing:
+        Unity Catalog checks the CREATE privilege even for CREATE ... IF NOT EXISTS of an existing
+        object, and a least-privilege service principal has none."""
+        progress_columns = self.describe_columns(PROGRESS_TABLE)
+        if progress_columns is None and self.settings.create_table:
             schema_name = (f"{quote_db_ident(self.catalog)}.{quote_db_ident(self.schema_name)}"
                            if self.catalog else quote_db_ident(self.schema_name))
-            self.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_name}", doing="creating the schema")
-            self.execute(
+            if not self._schema_exists(schema_name):
+                catalog = quote_db_ident(self.catalog or self._current_catalog())
+                self._create(f"CREATE SCHEMA IF NOT EXISTS {schema_name}", f"the schema {schema_name}",
+                             f"CREATE SCHEMA ON CATALOG {catalog}")
+            self._create(
                 f"CREATE TABLE IF NOT EXISTS {self.qualified(PROGRESS_TABLE)} (app_id STRING, seq BIGINT, "
                 "node_id STRING, watermark STRING, before STRING, last_loc STRING, row_count BIGINT, "
-                "recorded_at TIMESTAMP, load_method STRING, staged_file STRING)", doing="creating the progress table")
-        progress_columns = self.describe_columns(PROGRESS_TABLE)
+                "recorded_at TIMESTAMP, load_method STRING, staged_file STRING)",
+                f"the progress table {self.qualified(PROGRESS_TABLE)}", f"CREATE TABLE ON SCHEMA {schema_name}")
+            progress_columns = self.describe_columns(PROGRESS_TABLE)
         if progress_columns is None:
             raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
                               "create_table is off. Create it (see README) or allow create_table.")
@@ -2821,6 +2849,33 @@ class DatabricksTarget:
             raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
                               "exactly-once: add batch_id to lineage_columns (LINEAGE_COLUMNS=batch_id), or "
                               "give the uploader a usable staging volume.")
+
+    def _schema_exists(self, schema_name: str) -> bool:
+        try:
+            self.execute(f"DESCRIBE SCHEMA {schema_name}", fetch=True, doing="looking for the schema")
+        except UploaderError as exc:
+            if "SCHEMA_NOT_FOUND" in str(exc) or "NO_SUCH_CATALOG" in str(exc):
+                return False
+            raise
+        return True
+
+    def _create(self, statement: str, what: str, grant: str) -> None:
+        """Create a missing object; without the privilege, say what an admin has to do."""
+        try:
+            self.execute(statement, doing=f"creating {what}")
+        except UploaderError as exc:
+            raise self._denied(exc, what, grant, statement) from None
+
+    @staticmethod
+    def _denied(exc: UploaderError, what: str, grant: str, statement: str | None = None) -> UploaderError:
+        """A refused CREATE as one message naming the object, the privilege and the fix; other errors as they are."""
+        if isinstance(exc, TransientError) or "PERMISSION_DENIED" not in str(exc):
+            return exc
+        said = re.search(r"PERMISSION_DENIED\]?:?\s*([^.\n]*)", str(exc))
+        fix = f"Have an admin run `{statement}`" if statement else "Have an admin create it (README: Tables and types)"
+        return ConfigError(f"{what[0].upper()}{what[1:]} does not exist, and these credentials may not create it "
+                           f"(Databricks: {said.group(1) if said else 'PERMISSION_DENIED'}). {fix}, or grant "
+                           f"`{grant} TO <this principal>` (README: Databricks privileges).")
 
     def _ensure_staged_file_column(self, columns: dict[str, str]) -> None:
         """Progress tables made before staged files were named per attempt lack the column."""
@@ -2849,6 +2904,10 @@ class DatabricksTarget:
             return "insert"  # cloud storage failed earlier in this process: not tried again until a restart
         if setting.lower() == "auto":
             catalog = self.catalog or self._current_catalog()
+            if catalog.lower() in NO_VOLUME_CATALOGS:
+                LOG.info("The catalog %s cannot hold volumes (they exist only in Unity Catalog): loading with "
+                         "INSERT statements.", catalog)
+                return "insert"
             self.volume = (catalog, self.schema_name, "sqlite_uploader_staging", "")
             if not volume_path_is_safe(self.volume):
                 LOG.warning("The schema or catalog name holds a quote, backslash or control character, which "
@@ -2856,11 +2915,16 @@ class DatabricksTarget:
                 return "insert"
         else:
             self.volume = parse_volume(setting)
+            if self.volume[0].lower() in NO_VOLUME_CATALOGS:
+                raise ConfigError(f"staging_volume {setting} is in the catalog {self.volume[0]}, which cannot hold "
+                                  "volumes (they exist only in Unity Catalog). Name a volume in a Unity Catalog "
+                                  "catalog, or set staging_volume to none (or auto) to load with INSERT statements.")
         catalog, schema, volume, _ = self.volume
         name = ".".join(quote_db_ident(p) for p in (catalog, schema, volume))
         try:
-            if self.settings.create_table:
-                self.execute(f"CREATE VOLUME IF NOT EXISTS {name}", doing="creating the staging volume")
+            if self.settings.create_table and not self._volume_exists(catalog, schema, volume):
+                self._create(f"CREATE VOLUME IF NOT EXISTS {name}", f"the staging volume {name}",
+                             f"CREATE VOLUME ON SCHEMA {quote_db_ident(catalog)}.{quote_db_ident(schema)}")
             probe = f"{self.volume_dir(None)}/.probe-{uuid.uuid4().hex}"  # pids repeat across containers
             import io
 
@@ -2896,6 +2960,13 @@ class DatabricksTarget:
     def _current_catalog(self) -> str:
         rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
         return str(rows[0][0])
+
+    def _volume_exists(self, catalog: str, schema: str, volume: str) -> bool:
+        rows = self.execute(f"SHOW VOLUMES IN {quote_db_ident(catalog)}.{quote_db_ident(schema)}", fetch=True,
+                            doing="looking for the staging volume")
+        names = {str(row.asDict().get("volume_name", row[-1]) if hasattr(row, "asDict") else row[-1]).lower()
+                 for row in rows}
+        return volume.lower() in names
 
     def volume_dir(self, app_id: str | None) -> str:
         assert self.volume is not None
@@ -3074,13 +3145,23 @@ class DatabricksTarget:
                           "this batch, then run again.")
 
     def _write_insert(self, batch: Batch, rows: Any) -> None:
+        try:
+            chunks = list(literal_chunks(rows, MAX_STATEMENT_BYTES, MAX_ROW_STATEMENT_BYTES))
+        except RowTooLarge as exc:
+            # Checked before the batch is recorded: nothing of it is loaded, and a staging volume
+            # can still take it as Parquet on the next run.
+            raise ConfigError(f"Row {exc.index + 1} of batch {batch.seq} ({exc.names}) needs {exc.size:,} bytes "
+                              f"as SQL text, more than a Databricks statement can carry ({MAX_ROW_STATEMENT_BYTES:,}). "
+                              "Nothing of this batch was loaded. Load through a staging volume (staging_volume: "
+                              "auto or a /Volumes path, with READ VOLUME and WRITE VOLUME), which takes rows of "
+                              "any size as Parquet.") from None
         self._record(batch, "insert")
         names = [f.name for f in rows.schema]
         guard = "_batch_id"
         column_list = ", ".join(quote_db_ident(n) for n in names)
         aliases = ", ".join(f"c{i}" for i in range(len(names)))
         batch_index = names.index(guard)
-        for part, chunk in enumerate(literal_chunks(rows, MAX_STATEMENT_BYTES)):
+        for part, chunk in enumerate(chunks):
             part_id = f"{batch.app_id}:{batch.seq}.{part}"
             values = ", ".join("(" + ", ".join(
                 sql_literal(part_id) if i == batch_index else literal for i, literal in enumerate(row)) + ")"
@@ -3129,6 +3210,10 @@ class DatabricksTarget:
 
 
 MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
+# A row larger than that budget goes alone in its statement, up to the maximum query text size
+# Databricks documents (16 MiB), less room for the statement around the row.
+MAX_ROW_STATEMENT_BYTES = 16 * 1024 * 1024 - 64 * 1024
+NO_VOLUME_CATALOGS = ("hive_metastore",)  # the pre-Unity Catalog metastore: tables, but no volumes
 
 # Column names Delta refuses unless the table uses column mapping (Parquet's special characters).
 DELTA_INVALID_NAME_CHARS = re.compile(r"[ ,;{}()\n\t=]")
@@ -3325,13 +3410,33 @@ def safe_file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
-def literal_chunks(rows: Any, limit: int) -> Iterator[list[list[str]]]:
-    """Rows rendered as SQL literals, grouped so each INSERT stays under `limit` bytes."""
+def inline_parameters(statement: str, parameters: dict[str, Any]) -> str:
+    """`:name` markers replaced by SQL literals, for servers without native parameters. The
+    uploader's own statements carry no string that could hold a marker."""
+    for name in sorted(parameters, key=len, reverse=True):
+        statement = re.sub(rf":{re.escape(name)}\b", lambda _m, n=name: sql_literal(parameters[n]), statement)
+    return statement
+
+
+class RowTooLarge(ValueError):
+    """One row whose literals alone exceed the statement budget."""
+
+    def __init__(self, index: int, size: int, names: str):
+        super().__init__(f"row {index} is {size} bytes")
+        self.index, self.size, self.names = index, size, names
+
+
+def literal_chunks(rows: Any, limit: int, row_limit: int) -> Iterator[list[list[str]]]:
+    """Rows rendered as SQL literals, grouped so each INSERT stays under `limit` bytes; a larger
+    row goes alone, and one over `row_limit` raises RowTooLarge."""
     chunk: list[list[str]] = []
     size = 0
-    for record in rows.to_pylist():
+    for index, record in enumerate(rows.to_pylist()):
         literals = [sql_literal(v) for v in record.values()]
         length = sum(len(x) + 2 for x in literals) + 4
+        if length > row_limit:
+            shown = [f"{k} = {v!r}" for k, v in record.items() if not isinstance(v, (str, bytes)) or len(v) <= 40]
+            raise RowTooLarge(index, length, ", ".join(shown[:3]) or "no short column to name it by")
         if chunk and size + length > limit:
             yield chunk
             chunk, size = [], 0

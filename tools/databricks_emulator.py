@@ -57,13 +57,18 @@ from databricks.sql.thrift_api.TCLIService import ttypes as T
 from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
 
-MAX_PARAMETERS = 256
+MAX_PARAMETERS = 255  # Databricks documents at most 255 parameter markers per statement
+MAX_QUERY_TEXT_BYTES = 16 * 1024 * 1024  # Databricks' documented maximum query text size (16 MiB)
+# Volumes are a Unity Catalog feature: the legacy per-workspace metastore has none.
+NO_VOLUME_CATALOGS = ("hive_metastore",)
 DEFAULT_CATALOGS = ("main", "hive_metastore", "spark_catalog", "workspace")
 THRIFT_PATH_RE = re.compile(r"^/sql/(1\.0/warehouses/[^/]+|protocolv1/o/[^/]+/[^/]+)/?$")
 STAGING_PREFIX = "/_staging/"
 STAGING_HOSTS = ("refuse", "untrusted_tls")  # admin config "staging_host": where presigned URLs point
 PRESIGNED_TTL_S = 900
 SERVER_PROTOCOL = T.TProtocolVersion.SPARK_CLI_SERVICE_PROTOCOL_V8
+# The token each HTTP request came with (simple grants: some tokens may not CREATE anything).
+REQUEST = threading.local()
 
 log_lock = threading.Lock()
 
@@ -288,6 +293,41 @@ def unquote_ident(tok: str) -> str:
 def sql_string(value: str) -> str:
     """A Spark SQL string literal (backslash escapes are on by default in Spark)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+CREATE_RE = re.compile(
+    r"^CREATE\s+(?:OR\s+REPLACE\s+)?(?:EXTERNAL\s+|TEMPORARY\s+|TEMP\s+|MANAGED\s+)?"
+    r"(SCHEMA|DATABASE|TABLE|VOLUME|VIEW|CATALOG|FUNCTION)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"((?:`(?:[^`]|``)+`|\w+)(?:\.(?:`(?:[^`]|``)+`|\w+))*)", re.I | re.S)
+
+
+def refuse_create(sql: str, current_schema: str) -> None:
+    """Unity Catalog's answer to a CREATE from a principal without the CREATE privilege. It checks
+    the privilege on the parent before it looks whether the object exists (IF NOT EXISTS or not)."""
+    sql = strip_sql(sql)
+    if classify_statement(sql) != "CREATE":
+        return
+    m = CREATE_RE.match(sql)
+    kind = m.group(1).upper() if m else "object"
+    parts = split_name(m.group(2)) if m else []
+    if kind in ("SCHEMA", "DATABASE"):
+        privilege, on = "CREATE SCHEMA", f"Catalog '{parts[0] if len(parts) > 1 else 'main'}'"
+    elif kind == "CATALOG":
+        privilege, on = "CREATE CATALOG", "Metastore 'metastore'"
+    else:
+        parent = parts[:-1] if len(parts) > 1 else [current_schema]
+        parent = parent if len(parent) == 2 else ["main", *parent]
+        privilege, on = f"CREATE {'TABLE' if kind == 'VIEW' else kind}", f"Schema '{'.'.join(parent)}'"
+    raise SqlError(f"[PERMISSION_DENIED] User does not have {privilege} on {on}. SQLSTATE: 42501", "42501")
+
+
+def no_volumes_in(catalog: str, what: str) -> SqlError | None:
+    """Volumes live in Unity Catalog; the legacy hive_metastore catalog cannot hold one."""
+    if catalog.lower() not in NO_VOLUME_CATALOGS:
+        return None
+    return SqlError(f"[UC_COMMAND_NOT_SUPPORTED.WITHOUT_RECOMMENDATION] The command(s): {what} in catalog "
+                    f"`{catalog}` are not supported in Unity Catalog. Volumes exist only in Unity Catalog "
+                    "catalogs. SQLSTATE: 0AKUC", "0AKUC")
 
 
 _TOKEN_RE = re.compile(
@@ -535,6 +575,9 @@ class Storage:
                            "/Volumes/<catalog>/<schema>/<volume>/<path>", "22023")
         if any(p in (".", "..") for p in parts):
             raise SqlError(f"[INVALID_PARAMETER_VALUE] Invalid volume path: {vpath}", "22023")
+        refused = no_volumes_in(parts[1], f"access to {vpath}")
+        if refused:
+            raise refused
         vdir = self.volume_dir(parts[1], parts[2], parts[3])
         if not vdir.is_dir():
             raise SqlError(f"[UC_VOLUME_NOT_FOUND] Volume `{parts[1]}`.`{parts[2]}`.`{parts[3]}` "
@@ -683,6 +726,8 @@ GET_RE = re.compile(r"^GET\s+('(?:[^']|'')*')\s+TO\s+('(?:[^']|'')*')$", re.I | 
 REMOVE_RE = re.compile(r"^REMOVE\s+('(?:[^']|'')*')$", re.I | re.S)
 VOLUME_RE = re.compile(
     r"^(CREATE|DROP)\s+(?:EXTERNAL\s+)?VOLUME\s+(IF\s+(?:NOT\s+)?EXISTS\s+)?([\w`.]+)", re.I | re.S)
+SHOW_VOLUMES_RE = re.compile(r"^SHOW\s+VOLUMES(?:\s+(?:IN|FROM)\s+([\w`.]+))?(?:\s+LIKE\s+('(?:[^']|'')*'))?$",
+                             re.I | re.S)
 CATALOG_RE = re.compile(r"^(?:CREATE\s+CATALOG\s+(?:IF\s+NOT\s+EXISTS\s+)?|USE\s+CATALOG\s+|SET\s+CATALOG\s+)"
                         r"([\w`]+)", re.I | re.S)
 COPY_RE = re.compile(
@@ -854,6 +899,9 @@ class Engine:
 
     # ---- execution ----
     def execute(self, sess: Any, sql: str, params: list[T.TSparkParameter] | None) -> Result:
+        if len(sql.encode("utf-8", "surrogatepass")) > MAX_QUERY_TEXT_BYTES:
+            raise SqlError(f"[QUERY_TEXT_TOO_LARGE] The statement text is {len(sql.encode('utf-8', 'surrogatepass'))} "
+                           f"bytes; the maximum query text size is {MAX_QUERY_TEXT_BYTES} bytes (16 MiB).", "54000")
         sql = strip_sql(sql)
         kind = classify_statement(sql)
         self.stats.bump("statements", kind)
@@ -933,6 +981,9 @@ class Engine:
         m = VOLUME_RE.match(sql)
         if m:
             return self._volume_ddl(sess, m)
+        m = SHOW_VOLUMES_RE.match(sql)
+        if m:
+            return self._show_volumes(sess, m)
         m = CATALOG_RE.match(sql)
         if m:
             return self._catalog_stmt(sql, unquote_ident(m.group(1)))
@@ -1066,6 +1117,24 @@ class Engine:
     def _schema_exists(self, schema: str) -> bool:
         return bool(self.spark.catalog.databaseExists(schema))
 
+    def _show_volumes(self, sess: Any, m: re.Match[str]) -> Result:
+        """SHOW VOLUMES [IN catalog.schema] [LIKE 'pattern'] (`*` any text, `|` alternatives)."""
+        parts = split_name(m.group(1)) if m.group(1) else [sess.catalog.currentDatabase()]
+        catalog, schema = (parts[0], parts[1]) if len(parts) == 2 else ("main", parts[0])
+        refused = no_volumes_in(catalog, "SHOW VOLUMES")
+        if refused:
+            raise refused
+        if not self._schema_exists(schema):
+            raise SqlError(f"[SCHEMA_NOT_FOUND] The schema `{catalog}`.`{schema}` cannot be found.", "42704")
+        pattern = parse_string_literal(m.group(2)) if m.group(2) else "*"
+        matches = re.compile("|".join("(?:" + ".*".join(re.escape(p) for p in alt.strip().split("*")) + ")"
+                                      for alt in pattern.split("|")), re.I)
+        base = self.storage.volumes / catalog / schema
+        names = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        names = [n for n in names if matches.fullmatch(n)]
+        return Result(pa.table({"database_name": pa.array([schema] * len(names), pa.string()),
+                                "volume_name": pa.array(names, pa.string())}))
+
     def _volume_ddl(self, sess: Any, m: re.Match[str]) -> Result:
         parts = split_name(m.group(3))
         if len(parts) == 3:
@@ -1074,6 +1143,9 @@ class Engine:
             catalog, (schema, volume) = "main", parts
         else:
             catalog, schema, volume = "main", sess.catalog.currentDatabase(), parts[0]
+        refused = no_volumes_in(catalog, f"{m.group(1).upper()} VOLUME")
+        if refused:
+            raise refused
         vdir = self.storage.volume_dir(catalog, schema, volume)
         if m.group(1).upper() == "CREATE":
             if not self._schema_exists(schema):
@@ -1444,6 +1516,7 @@ class Operation:
 class Session:
     handle: T.TSessionHandle
     spark: Any
+    native_params: bool = True  # False: an older runtime, which ignores the parameters field
 
 
 class ThriftService:
@@ -1571,8 +1644,17 @@ class ThriftService:
         return op, None
 
     # ---- RPCs ----
+    def restricted(self) -> bool:
+        """The request came with a token the admin API listed as having no CREATE privileges."""
+        tokens = self.config.get("restricted_tokens") or []
+        return getattr(REQUEST, "authorization", None) in {f"Bearer {t}" for t in tokens}
+
     def OpenSession(self, req: T.TOpenSessionReq) -> T.TOpenSessionResp:
-        handle = T.TSessionHandle(sessionId=new_handle_id(), serverProtocolVersion=SERVER_PROTOCOL)
+        # Clusters before Databricks Runtime 14.2 answer with an older protocol version and know
+        # nothing of native parameters; config protocol_version imitates one (e.g. 7).
+        version = int(self.config.get("protocol_version") or 0)
+        protocol = getattr(T.TProtocolVersion, f"SPARK_CLI_SERVICE_PROTOCOL_V{version}", SERVER_PROTOCOL)
+        handle = T.TSessionHandle(sessionId=new_handle_id(), serverProtocolVersion=protocol)
         spark = self.engine.new_session()
         ns = req.initialNamespace
         if ns and ns.schemaName:
@@ -1580,10 +1662,11 @@ class ThriftService:
                 spark.sql(f"USE {quote_ident(ns.schemaName)}")
             except Exception as exc:
                 return T.TOpenSessionResp(status=error_status(spark_error_to_sql_error(exc).message, "42704"),
-                                          serverProtocolVersion=SERVER_PROTOCOL)
+                                          serverProtocolVersion=protocol)
+        native = protocol >= T.TProtocolVersion.SPARK_CLI_SERVICE_PROTOCOL_V8
         with self.lock:
-            self.sessions[handle.sessionId.guid] = Session(handle=handle, spark=spark)
-        return T.TOpenSessionResp(status=ok_status(), serverProtocolVersion=SERVER_PROTOCOL,
+            self.sessions[handle.sessionId.guid] = Session(handle=handle, spark=spark, native_params=native)
+        return T.TOpenSessionResp(status=ok_status(), serverProtocolVersion=protocol,
                                   sessionHandle=handle, canUseMultipleCatalogs=True,
                                   initialNamespace=ns, configuration={})
 
@@ -1604,10 +1687,14 @@ class ThriftService:
         op = self._new_op(req.sessionHandle.sessionId.guid, T.TOperationType.EXECUTE_STATEMENT,
                           self._use_arrow(req.canReadArrowResult))
         group = op.handle.operationId.guid.hex()
+        may_create = not self.restricted()  # read here: the token is the request thread's
+        params = req.parameters if sess.native_params else None
 
         def run() -> Result:
             sess.spark.sparkContext.setJobGroup(group, req.statement[:200], True)
-            return self.engine.execute(sess.spark, req.statement, req.parameters)
+            if not may_create:
+                refuse_create(req.statement, sess.spark.catalog.currentDatabase())
+            return self.engine.execute(sess.spark, req.statement, params)
 
         if req.getDirectResults is None:
             # Async execution (cursor.execute_async): the client polls GetOperationStatus.
@@ -1953,7 +2040,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                             headers={"x-databricks-reason-phrase": "Credential was not sent or was of an "
                                      "unsupported type for this API."})
                 return False
-            if auth != f"Bearer {emu.token}":
+            restricted = {f"Bearer {t}" for t in emu.config.get("restricted_tokens") or []}
+            if auth != f"Bearer {emu.token}" and auth not in restricted:
                 self._reply(403, b"Invalid access token.",
                             headers={"x-databricks-reason-phrase": "Invalid access token."})
                 return False
@@ -2010,6 +2098,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             body = self._body()
             if not self._auth_ok():
                 return
+            REQUEST.authorization = self.headers.get("Authorization")
             rpc, statement = peek_thrift_call(body)
             emu.stats.bump("rpc", rpc or "unknown")
             if self._apply_faults("thrift", rpc, statement):
