@@ -3279,19 +3279,25 @@ def already_exists(exc: Exception) -> bool:
     return "already exists" in str(exc).lower() or "ALREADY_EXISTS" in str(exc).upper()
 
 
+def exception_chain(exc: BaseException, limit: int = 10) -> Iterator[BaseException]:
+    """An error, then what caused it (raised from, or while handling), up to `limit` deep."""
+    current: BaseException | None = exc
+    for _ in range(limit):
+        if current is None:
+            return
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status of a failed request, from the connector's error context or the cause chain."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
+    for current in exception_chain(exc, limit=8):
         context = getattr(current, "context", None)
         if isinstance(context, dict) and isinstance(context.get("http-code"), int):
             return context["http-code"]
         response = getattr(current, "response", None)
         if isinstance(getattr(response, "status", None), int):
             return response.status
-        current = current.__cause__ or current.__context__
-        seen += 1
     return None
 
 
@@ -3367,15 +3373,6 @@ def storage_endpoint(exc: BaseException) -> str:
         if isinstance(getattr(connection, "host", None), str):
             return f"{connection.host}:{connection.port}"
     return "its presigned URL"
-
-
-def exception_chain(exc: BaseException, limit: int = 10) -> Iterator[BaseException]:
-    current: BaseException | None = exc
-    for _ in range(limit):
-        if current is None:
-            return
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def transfer_failure_reason(exc: BaseException) -> tuple[str, bool]:
