@@ -2390,13 +2390,21 @@ class DatabricksEndpoint:
         port = f":{self.port}" if self.port else ""
         return f"http://{self.host}{port}{self.http_path}"
 
+    def base_url(self) -> str:
+        """The workspace's URL, for its REST APIs (the Files API, OAuth)."""
+        port = f":{self.port}" if self.port else ""
+        return f"{'http' if self.plain_http else 'https'}://{self.host}{port}"
+
+    def token_url(self) -> str:
+        return f"{self.base_url()}/oidc/v1/token"
+
 
 # Domains of Databricks workspaces: never reached without TLS.
 DATABRICKS_DOMAINS = (".databricks.com", ".azuredatabricks.net", ".databricks.us", ".databricks.mil",
                       ".databricks.cn", ".gcp.databricks.com")
 
 
-def parse_databricks_host(host: str, http_path: str) -> DatabricksEndpoint:
+def parse_databricks_host(host: str, http_path: str, need_path: bool = True) -> DatabricksEndpoint:
     """Accept a bare host, an https:// URL or http://host:port (a local emulator)."""
     from urllib.parse import urlsplit
 
@@ -2411,10 +2419,10 @@ def parse_databricks_host(host: str, http_path: str) -> DatabricksEndpoint:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"databricks_host {host!r} is not a host name or an http(s) URL.")
     path = http_path.strip() if http_path else ""
-    if not path:
+    if not path and need_path:
         raise ConfigError("databricks_http_path is not set (DATABRICKS_HTTP_PATH, --databricks-http-path): "
                           "copy it from the warehouse's Connection details, e.g. /sql/1.0/warehouses/abc123.")
-    if not path.startswith("/"):
+    if path and not path.startswith("/"):
         path = "/" + path
     if parts.scheme == "http" and parts.hostname.lower().endswith(DATABRICKS_DOMAINS):
         raise ConfigError(f"databricks_host {host!r} asks for plain http://, which would send the token "
@@ -2436,6 +2444,18 @@ def parse_volume(path: str) -> tuple[str, str, str, str]:
 def volume_path_is_safe(parts: Sequence[str]) -> bool:
     """Volume paths go into PUT/COPY INTO/REMOVE as string literals: refuse anything that could end one."""
     return not any(re.search(r"['\\\x00-\x1f\x7f]", part) for part in parts)
+
+
+NO_CREDENTIALS = ("No Databricks credentials: set DATABRICKS_TOKEN (a personal access token), or "
+                  "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (a service principal, recommended for fleets).")
+
+
+def mask_secrets(text: str, settings: Settings) -> str:
+    """The text with the token and client secret masked, for error messages."""
+    for secret in (settings.databricks_token, settings.databricks_client_secret):
+        if secret:
+            text = text.replace(secret, SECRET_MASK)
+    return text
 
 
 def certificate_problem(host: str, port: int, timeout: float = 10.0) -> str | None:
@@ -2514,77 +2534,31 @@ def connector_version() -> str:
         return "databricks-sql-connector (version unknown)"
 
 
-class DatabricksTarget:
-    """A Databricks table loaded through databricks-sql-connector.
+class DatabricksSession:
+    """One connection to a SQL warehouse: connects lazily, runs statements, and turns the
+    connector's failures into the uploader's two kinds (retry later, or stop with a message)."""
 
-    Bulk path, 4 statements per batch whatever its size: PUT the batch as Parquet into a
-    Unity Catalog volume; INSERT the batch's record (app id, number, watermark, and the
-    watermark before it) into the progress table; COPY INTO the target from that one file;
-    REMOVE the file. COPY INTO never loads a file twice into a table, and the file's name is
-    (app id, batch number), so replaying a batch -- after a crash, or when the connector
-    re-sends a statement whose answer was lost -- loads nothing twice. The progress record is
-    written before the COPY, so after a crash the uploader knows the last batch that may have
-    been loaded and replays exactly that batch (same rows, same file name) before going on.
-
-    Fallback when no volume can be used, or its cloud storage cannot be reached (the presigned URLs
-    of PUT/REMOVE point at another host than the workspace): the record, then multi-row INSERTs of
-    literal values, each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT
-    inserts nothing.
-    """
-
-    kind = "databricks"
-
-    def __init__(self, settings: Settings, table_name: str):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.endpoint = parse_databricks_host(settings.databricks_host or "", settings.databricks_http_path or "")
-        self.catalog = settings.databricks_catalog
-        self.schema_name = settings.databricks_database or "default"
-        self.table_name = table_name
-        self.node_id = settings.node_id
-        self.lineage = [LINEAGE_CHOICES[c] for c in settings.lineage_columns]
-        self.records_files = True  # the progress table has its staged_file column
-        if table_name.lower() == PROGRESS_TABLE:
-            raise ConfigError(f"The target table cannot be named {PROGRESS_TABLE}: the uploader keeps its progress "
-                              "records there. Set databricks_table to another name.")
         self.connection: Any = None
         self.inline_told = False  # said once that this cluster has no native parameters
-        self.columns: dict[str, str] | None = None  # target column -> Databricks type, once checked
-        self.arrow_schema: Any = None
-        self.volume: tuple[str, str, str, str] | None = None
-        self.method: str | None = None  # "copy" or "insert", decided once per run
-        self.storage_failed = False  # staging's cloud-storage leg failed: INSERT until the process restarts
         self.auth = self._auth()
         if self.endpoint.plain_http:
             LOG.warning("databricks_host uses plain http://: the token travels unencrypted. Use this only "
                         "for a local emulator.")
 
-    # -- names ---------------------------------------------------------------------------
-    def qualified(self, name: str) -> str:
-        parts = [self.catalog, self.schema_name, name] if self.catalog else [self.schema_name, name]
-        return ".".join(quote_db_ident(p) for p in parts)
-
-    @property
-    def full_name(self) -> str:
-        return self.qualified(self.table_name)
-
-    def describe(self) -> str:
-        where = self.endpoint.connection_uri() or f"https://{self.endpoint.host}{self.endpoint.http_path}"
-        return f"databricks:{where}#{'.'.join(p for p in (self.catalog, self.schema_name, self.table_name) if p)}"
-
-    # -- connection ----------------------------------------------------------------------
     def _auth(self) -> dict[str, Any]:
         settings = self.settings
         if settings.databricks_token:
             return {"access_token": settings.databricks_token}
         if settings.databricks_client_id and settings.databricks_client_secret:
-            scheme = "http" if self.endpoint.plain_http else "https"
-            port = f":{self.endpoint.port}" if self.endpoint.port else ""
-            token_url = f"{scheme}://{self.endpoint.host}{port}/oidc/v1/token"
             return {"credentials_provider": ServicePrincipalAuth(
-                token_url, settings.databricks_client_id, settings.databricks_client_secret)}
-        raise ConfigError("No Databricks credentials: set DATABRICKS_TOKEN (a personal access token), or "
-                          "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (a service principal, "
-                          "recommended for fleets).")
+                self.endpoint.token_url(), settings.databricks_client_id, settings.databricks_client_secret)}
+        raise ConfigError(NO_CREDENTIALS)
+
+    def describe(self) -> str:
+        return self.endpoint.connection_uri() or f"https://{self.endpoint.host}{self.endpoint.http_path}"
 
     def connect(self) -> Any:
         if self.connection is not None:
@@ -2612,7 +2586,7 @@ class DatabricksTarget:
         try:
             self.connection = sql.connect(**kwargs)
         except Exception as exc:
-            error = self._classify(exc, "connecting")
+            error = self.classify(exc, "connecting")
             if isinstance(error, TransientError) and not self.endpoint.plain_http:
                 # The connector retries TLS failures like network ones and then reports only
                 # that it ran out of time; ask the endpoint directly whether its certificate is the cause.
@@ -2626,7 +2600,7 @@ class DatabricksTarget:
         LOG.debug("Connected to %s with %s", self.endpoint.host, connector_version())
         return self.connection
 
-    def _drop_connection(self) -> None:
+    def close(self) -> None:
         connection, self.connection = self.connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -2645,12 +2619,9 @@ class DatabricksTarget:
                      "version %s): the uploader sends its few values as SQL literals instead.", version)
         return native
 
-    def _classify(self, exc: Exception, doing: str) -> UploaderError:
+    def classify(self, exc: Exception, doing: str) -> UploaderError:
         """Turn connector and transport errors into the uploader's two kinds, with a clear message."""
-        text = str(exc) or type(exc).__name__
-        for secret in (self.settings.databricks_token, self.settings.databricks_client_secret):
-            if secret:
-                text = text.replace(secret, SECRET_MASK)
+        text = mask_secrets(str(exc) or type(exc).__name__, self.settings)
         lowered = text.lower()
         if isinstance(exc, UploaderError):
             return exc
@@ -2734,19 +2705,70 @@ class DatabricksTarget:
                     raise
         except Exception as exc:
             if write_conflict(exc):  # the session is fine; only this statement's commit was refused
-                raise WriteConflict(str(self._classify(exc, doing))) from None
+                raise WriteConflict(str(self.classify(exc, doing))) from None
             if storage is not None:  # the workspace answered: its session is fine
                 raise storage from None
             # Any failure drops the connection: after a warehouse restart the first error may be
             # an internal one, and the old session would fail every later statement.
-            self._drop_connection()
-            raise self._classify(exc, doing) from None
+            self.close()
+            raise self.classify(exc, doing) from None
 
-    # -- table set-up --------------------------------------------------------------------
+    def current_catalog(self) -> str:
+        rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
+        return str(rows[0][0])
+
+    def create(self, statement: str, what: str, grant: str) -> None:
+        """Create a missing object; without the privilege, say what an admin has to do."""
+        try:
+            self.execute(statement, doing=f"creating {what}")
+        except UploaderError as exc:
+            raise permission_denied(exc, what, grant, statement) from None
+
+
+def permission_denied(exc: UploaderError, what: str, grant: str, statement: str | None = None) -> UploaderError:
+    """A refused CREATE as one message naming the object, the privilege and the fix; other errors as they are."""
+    if isinstance(exc, TransientError) or "PERMISSION_DENIED" not in str(exc):
+        return exc
+    said = re.search(r"PERMISSION_DENIED\]?:?\s*([^.\n]*)", str(exc))
+    fix = f"Have an admin run `{statement}`" if statement else "Have an admin create it (README: Tables and types)"
+    return ConfigError(f"{what[0].upper()}{what[1:]} does not exist, and these credentials may not create it "
+                       f"(Databricks: {said.group(1) if said else 'PERMISSION_DENIED'}). {fix}, or grant "
+                       f"`{grant} TO <this principal>` (README: Databricks privileges).")
+
+
+class DatabricksTable:
+    """The target table's names and columns: looked at before anything is created, created from the
+    first batch's schema, widened by new source columns, and checked against each batch's types."""
+
+    def __init__(self, session: DatabricksSession, settings: Settings, table_name: str):
+        self.session = session
+        self.settings = settings
+        self.catalog = settings.databricks_catalog
+        self.schema_name = settings.databricks_database or "default"
+        self.table_name = table_name
+        self.columns: dict[str, str] | None = None  # target column -> Databricks type, once looked at
+        if table_name.lower() == PROGRESS_TABLE:
+            raise ConfigError(f"The target table cannot be named {PROGRESS_TABLE}: the uploader keeps its progress "
+                              "records there. Set databricks_table to another name.")
+
+    def qualified(self, name: str) -> str:
+        parts = [self.catalog, self.schema_name, name] if self.catalog else [self.schema_name, name]
+        return ".".join(quote_db_ident(p) for p in parts)
+
+    @property
+    def full_name(self) -> str:
+        return self.qualified(self.table_name)
+
+    @property
+    def schema_ref(self) -> str:
+        return (f"{quote_db_ident(self.catalog)}.{quote_db_ident(self.schema_name)}"
+                if self.catalog else quote_db_ident(self.schema_name))
+
     def describe_columns(self, name: str) -> dict[str, str] | None:
         """Column -> type of an existing table, None when it does not exist."""
         try:
-            rows = self.execute(f"DESCRIBE TABLE {self.qualified(name)}", fetch=True, doing=f"describing {name}")
+            rows = self.session.execute(f"DESCRIBE TABLE {self.qualified(name)}", fetch=True,
+                                        doing=f"describing {name}")
         except UploaderError as exc:
             text = str(exc)
             if "TABLE_OR_VIEW_NOT_FOUND" in text or "not found" in text.lower() or "SCHEMA_NOT_FOUND" in text:
@@ -2760,24 +2782,37 @@ class DatabricksTarget:
             columns[column] = data_type
         return columns
 
-    def prepare(self, schema: Any) -> Any:
-        """Create or check the table once per run; return the schema batches must have."""
+    def ensure_schema(self) -> None:
+        """The schema, created only when missing: Unity Catalog checks the CREATE privilege even for
+        CREATE ... IF NOT EXISTS of an existing object, and a least-privilege principal has none."""
+        if self._schema_exists():
+            return
+        catalog = quote_db_ident(self.catalog or self.session.current_catalog())
+        self.session.create(f"CREATE SCHEMA IF NOT EXISTS {self.schema_ref}", f"the schema {self.schema_ref}",
+                            f"CREATE SCHEMA ON CATALOG {catalog}")
+
+    def _schema_exists(self) -> bool:
+        try:
+            self.session.execute(f"DESCRIBE SCHEMA {self.schema_ref}", fetch=True, doing="looking for the schema")
+        except UploaderError as exc:
+            if "SCHEMA_NOT_FOUND" in str(exc) or "NO_SUCH_CATALOG" in str(exc):
+                return False
+            raise
+        return True
+
+    def conform(self, wanted: Any) -> Any:
+        """Create the table or add missing columns for `wanted` (an Arrow schema); return the schema
+        batches must be cast to: the table's spelling of each name and its types."""
         import pyarrow as pa
 
-        clashing = sorted(f.name for f in schema if f.name.lower() in {c.lower() for c in self.lineage})
-        if clashing:
-            raise ConfigError(f"Source column(s) {', '.join(clashing)} have the name of a lineage column; leave "
-                              "that lineage column out of lineage_columns, or rename the source column.")
-        wanted = pa.schema(list(schema) + [self._lineage_field(c) for c in self.lineage])
         if self.columns is None:
-            self._ensure_support_objects()
             self.columns = self.describe_columns(self.table_name)
             if self.columns is None:
                 try:
                     self._create_table(wanted)
                 except UploaderError as exc:
-                    raise self._denied(exc, f"the table {self.full_name}", "CREATE TABLE ON SCHEMA "
-                                       f"{self.full_name.rsplit('.', 1)[0]}") from None
+                    raise permission_denied(exc, f"the table {self.full_name}",
+                                            f"CREATE TABLE ON SCHEMA {self.schema_ref}") from None
         existing = {name.lower(): (name, kind) for name, kind in self.columns.items()}
         fields, missing, clashes = [], [], []
         for source_field in wanted:
@@ -2797,8 +2832,7 @@ class DatabricksTarget:
         if missing:
             self._check_new_column_names(missing)
             self._add_columns(missing)
-        self.arrow_schema = pa.schema(fields)
-        return self.arrow_schema
+        return pa.schema(fields)
 
     def _check_new_column_names(self, fields: list) -> None:
         """Names Delta refuses without column mapping, for a table made without it: say so before
@@ -2814,86 +2848,349 @@ class DatabricksTarget:
             "or rename the column in SQLite. Then run again.")
 
     def _uses_column_mapping(self) -> bool:
-        rows = self.execute(f"SHOW TBLPROPERTIES {self.full_name}", fetch=True, doing="reading the table properties")
+        rows = self.session.execute(f"SHOW TBLPROPERTIES {self.full_name}", fetch=True,
+                                    doing="reading the table properties")
         return any(str(row[0]) == COLUMN_MAPPING_MODE and str(row[1]).lower() in ("name", "id") for row in rows)
 
-    def _lineage_field(self, column: str) -> Any:
-        import pyarrow as pa
+    def _create_table(self, schema: Any) -> None:
+        if not self.settings.create_table:
+            raise ConfigError(f"Table {self.full_name} does not exist and create_table is off. Create it "
+                              "(README: Databricks table setup) or set create_table: true.")
+        columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in schema)
+        mapped = [f.name for f in schema if DELTA_INVALID_NAME_CHARS.search(f.name)]
+        # Delta takes a space or one of ,;{}()= in a column name only with column mapping;
+        # setting the mode upgrades the table's protocol (readers need Databricks Runtime 10.4+).
+        properties = f" TBLPROPERTIES ('{COLUMN_MAPPING_MODE}' = 'name')" if mapped else ""
+        self.session.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns}){properties}",
+                             doing="creating the table")
+        LOG.info("Created table %s (%s)%s.", self.full_name, columns,
+                 f" with column mapping, for the column name(s) {', '.join(map(repr, mapped))}" if mapped else "")
+        self.columns = {f.name: databricks_type(f.type) for f in schema}
 
-        return pa.field(column, pa.timestamp("us", tz="UTC") if column == "_uploaded_at" else pa.string())
-
-    def _ensure_support_objects(self) -> None:
-        """Schema, progress table and (bulk path) the staging volume, each created only when missing:
-        Unity Catalog checks the CREATE privilege even for CREATE ... IF NOT EXISTS of an existing
-        object, and a least-privilege service principal has none."""
-        progress_columns = self.describe_columns(PROGRESS_TABLE)
-        if progress_columns is None and self.settings.create_table:
-            schema_name = (f"{quote_db_ident(self.catalog)}.{quote_db_ident(self.schema_name)}"
-                           if self.catalog else quote_db_ident(self.schema_name))
-            if not self._schema_exists(schema_name):
-                catalog = quote_db_ident(self.catalog or self._current_catalog())
-                self._create(f"CREATE SCHEMA IF NOT EXISTS {schema_name}", f"the schema {schema_name}",
-                             f"CREATE SCHEMA ON CATALOG {catalog}")
-            self._create(
-                f"CREATE TABLE IF NOT EXISTS {self.qualified(PROGRESS_TABLE)} (app_id STRING, seq BIGINT, "
-                "node_id STRING, watermark STRING, before STRING, last_loc STRING, row_count BIGINT, "
-                "recorded_at TIMESTAMP, load_method STRING, staged_file STRING)",
-                f"the progress table {self.qualified(PROGRESS_TABLE)}", f"CREATE TABLE ON SCHEMA {schema_name}")
-            progress_columns = self.describe_columns(PROGRESS_TABLE)
-        if progress_columns is None:
-            raise ConfigError(f"The progress table {self.qualified(PROGRESS_TABLE)} does not exist and "
-                              "create_table is off. Create it (see README) or allow create_table.")
-        self._ensure_staged_file_column(progress_columns)
-        self.method = self._choose_method()
-        if self.method == "insert" and "_batch_id" not in self.lineage:
-            raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
-                              "exactly-once: add batch_id to lineage_columns (LINEAGE_COLUMNS=batch_id), or "
-                              "give the uploader a usable staging volume.")
-
-    def _schema_exists(self, schema_name: str) -> bool:
+    def _add_columns(self, fields: list) -> None:
+        assert self.columns is not None
+        if not self.settings.create_table:
+            raise ConfigError(f"Source column(s) {', '.join(f.name for f in fields)} are not in "
+                              f"{self.full_name} and create_table is off: add them to the table.")
+        columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in fields)
         try:
-            self.execute(f"DESCRIBE SCHEMA {schema_name}", fetch=True, doing="looking for the schema")
+            self.session.execute(f"ALTER TABLE {self.full_name} ADD COLUMNS ({columns})", doing="adding columns")
         except UploaderError as exc:
-            if "SCHEMA_NOT_FOUND" in str(exc) or "NO_SUCH_CATALOG" in str(exc):
-                return False
-            raise
-        return True
+            # A re-sent ALTER (answer lost, connector retried) or another node was first: the
+            # columns are there now. Anything else: look at the table afresh next time.
+            self.columns = None
+            if not already_exists(exc):
+                raise
+            self.columns = self.describe_columns(self.table_name)
+            if self.columns is None or any(f.name.lower() not in {c.lower() for c in self.columns} for f in fields):
+                raise
+            return
+        LOG.info("Added column(s) %s to %s.", columns, self.full_name)
+        self.columns.update({f.name: databricks_type(f.type) for f in fields})
 
-    def _create(self, statement: str, what: str, grant: str) -> None:
-        """Create a missing object; without the privilege, say what an admin has to do."""
-        try:
-            self.execute(statement, doing=f"creating {what}")
-        except UploaderError as exc:
-            raise self._denied(exc, what, grant, statement) from None
+    def info(self) -> list[tuple[str, str]]:
+        """Row count, columns and rows per node, for --run-query INFO."""
+        columns = self.describe_columns(self.table_name)
+        if columns is None:
+            return [("status", "table does not exist yet: nothing uploaded")]
+        count = self.session.execute(f"SELECT count(*) FROM {self.full_name}", fetch=True,
+                                     doing="counting rows")[0][0]
+        lines = [("rows", str(count))] + [("column " + name, kind) for name, kind in columns.items()]
+        lower = {c.lower() for c in columns}
+        if "_node_id" in lower:
+            last = "max(`_uploaded_at`)" if "_uploaded_at" in lower else "NULL"
+            for node, rows_per_node, last_upload in self.session.execute(
+                    f"SELECT `_node_id`, count(*), {last} FROM {self.full_name} GROUP BY `_node_id` ORDER BY 1",
+                    fetch=True, doing="counting rows per node"):
+                lines.append((f"node {node}", f"{rows_per_node} rows, last upload {last_upload}"))
+        return lines
 
-    @staticmethod
-    def _denied(exc: UploaderError, what: str, grant: str, statement: str | None = None) -> UploaderError:
-        """A refused CREATE as one message naming the object, the privilege and the fix; other errors as they are."""
-        if isinstance(exc, TransientError) or "PERMISSION_DENIED" not in str(exc):
-            return exc
-        said = re.search(r"PERMISSION_DENIED\]?:?\s*([^.\n]*)", str(exc))
-        fix = f"Have an admin run `{statement}`" if statement else "Have an admin create it (README: Tables and types)"
-        return ConfigError(f"{what[0].upper()}{what[1:]} does not exist, and these credentials may not create it "
-                           f"(Databricks: {said.group(1) if said else 'PERMISSION_DENIED'}). {fix}, or grant "
-                           f"`{grant} TO <this principal>` (README: Databricks privileges).")
 
-    def _ensure_staged_file_column(self, columns: dict[str, str]) -> None:
+class ProgressTable:
+    """The uploaders' progress records (one row per batch, written before the batch's rows): what a
+    restart must replay, and how. One table per schema, shared by every node and target table."""
+
+    def __init__(self, session: DatabricksSession, table: DatabricksTable, node_id: str):
+        self.session = session
+        self.table = table
+        self.node_id = node_id
+        self.name = table.qualified(PROGRESS_TABLE)
+        self.exists = False
+        self.records_files = True  # the progress table has its staged_file column
+
+    def ensure(self, create: bool) -> None:
+        columns = self.table.describe_columns(PROGRESS_TABLE)
+        if columns is None and create:
+            self.table.ensure_schema()
+            self.session.create(
+                f"CREATE TABLE IF NOT EXISTS {self.name} (app_id STRING, seq BIGINT, node_id STRING, watermark "
+                "STRING, before STRING, last_loc STRING, row_count BIGINT, recorded_at TIMESTAMP, load_method "
+                "STRING, staged_file STRING)",
+                f"the progress table {self.name}", f"CREATE TABLE ON SCHEMA {self.table.schema_ref}")
+            columns = self.table.describe_columns(PROGRESS_TABLE)
+        if columns is None:
+            raise ConfigError(f"The progress table {self.name} does not exist and create_table is off. Create it "
+                              "(see README) or allow create_table.")
+        self.exists = True
+        self._ensure_staged_file_column(columns, create)
+
+    def _ensure_staged_file_column(self, columns: dict[str, str], create: bool) -> None:
         """Progress tables made before staged files were named per attempt lack the column."""
         if "staged_file" in {c.lower() for c in columns}:
             return
-        if not self.settings.create_table:
+        if not create:
             self.records_files = False
             LOG.warning("The progress table %s has no staged_file column and create_table is off: staged files are "
                         "named by batch number alone, and a batch number used again after a reset would be skipped "
                         "by COPY INTO. Add it: ALTER TABLE %s ADD COLUMNS (staged_file STRING).",
-                        self.qualified(PROGRESS_TABLE), self.qualified(PROGRESS_TABLE))
+                        self.name, self.name)
             return
         try:
-            self.execute(f"ALTER TABLE {self.qualified(PROGRESS_TABLE)} ADD COLUMNS (staged_file STRING)",
-                         doing="adding staged_file to the progress table")
+            self.session.execute(f"ALTER TABLE {self.name} ADD COLUMNS (staged_file STRING)",
+                                 doing="adding staged_file to the progress table")
         except UploaderError as exc:  # another node was first, or a re-sent ALTER
             if not already_exists(exc):
                 raise
+
+    def last(self, app_id: str) -> CommitRecord | None:
+        """This uploader's last recorded batch (its rows may or may not have landed)."""
+        if not self.exists and self.table.describe_columns(PROGRESS_TABLE) is None:
+            return None
+        staged = "staged_file" if self.records_files else "NULL"
+        rows = self.session.execute(
+            f"SELECT seq, watermark, before, last_loc, load_method, {staged} FROM {self.name} "
+            "WHERE app_id = :app ORDER BY seq DESC, CASE WHEN load_method = 'insert' THEN 0 ELSE 1 END LIMIT 1",
+            {"app": app_id}, fetch=True, doing="reading the progress table")
+        if not rows:
+            return None
+        seq, watermark, before, last_loc, method, staged_file = rows[0]
+        return CommitRecord(int(seq), Watermark.from_json(json.loads(watermark)), complete=False,
+                            before=Watermark.from_json(json.loads(before)),
+                            last_loc=json_restore(json.loads(last_loc)), method=method, staged_file=staged_file)
+
+    def record(self, batch: Batch, method: str, staged_file: str | None = None) -> None:
+        """The batch's record, written before its rows: what a restart must replay, and how."""
+        staged = (", staged_file", ", :staged") if self.records_files else ("", "")
+        self.session.execute(
+            f"INSERT INTO {self.name} (app_id, seq, node_id, watermark, before, last_loc, row_count, recorded_at, "
+            f"load_method{staged[0]}) VALUES (:app, :seq, :node, :mark, :before, :last, :rows, current_timestamp(), "
+            f":method{staged[1]})",
+            {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
+             "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
+             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method,
+             **({"staged": staged_file} if self.records_files else {})},
+            doing=f"recording batch {batch.seq}")
+
+    def info(self, app_id: str | None) -> list[tuple[str, str]]:
+        if self.table.describe_columns(PROGRESS_TABLE) is None:
+            return []
+        where, params = ("WHERE app_id = :app", {"app": app_id}) if app_id else ("", None)
+        rows = self.session.execute(
+            f"SELECT app_id, seq, node_id, watermark, recorded_at FROM {self.name} {where} "
+            "ORDER BY recorded_at DESC, seq DESC LIMIT 1", params, fetch=True, doing="reading the progress table")
+        if not rows:
+            return []
+        app, seq, node, mark_json, recorded = rows[0]
+        mark = Watermark.from_json(json.loads(mark_json))
+        return [("last batch", f"{seq} from node {node} at {recorded} (app {app})"),
+                ("last uploaded timestamp", micros_to_iso(mark.last_upload) or "-"),
+                ("cursor", json.dumps(mark.to_json()))]
+
+
+class CopyLoad:
+    """The bulk path, 4 statements per batch whatever its size: the record; PUT the batch as
+    Parquet into the staging volume; COPY INTO from that one file; REMOVE it. COPY INTO never
+    loads a file name twice into a table, and the record names the file before the PUT, so a
+    replay -- after a crash, or a statement re-sent after a lost answer -- loads nothing twice."""
+
+    def __init__(self, session: DatabricksSession, table: DatabricksTable, progress: ProgressTable):
+        self.session = session
+        self.table = table
+        self.progress = progress
+        self.volume: tuple[str, str, str, str] | None = None
+
+    def choose_volume(self, setting: str) -> str | None:
+        """The staging volume to use, or None (with the reason logged) for INSERT statements."""
+        session, table = self.session, self.table
+        if setting.lower() == "auto":
+            catalog = table.catalog or session.current_catalog()
+            if catalog.lower() in NO_VOLUME_CATALOGS:
+                LOG.info("The catalog %s cannot hold volumes (they exist only in Unity Catalog): loading with "
+                         "INSERT statements.", catalog)
+                return None
+            self.volume = (catalog, table.schema_name, "sqlite_uploader_staging", "")
+            if not volume_path_is_safe(self.volume):
+                LOG.warning("The schema or catalog name holds a quote, backslash or control character, which "
+                            "a staging path cannot carry safely; loading with INSERT statements instead.")
+                return None
+        else:
+            self.volume = parse_volume(setting)
+            if self.volume[0].lower() in NO_VOLUME_CATALOGS:
+                raise ConfigError(f"staging_volume {setting} is in the catalog {self.volume[0]}, which cannot hold "
+                                  "volumes (they exist only in Unity Catalog). Name a volume in a Unity Catalog "
+                                  "catalog, or set staging_volume to none (or auto) to load with INSERT statements.")
+        return ".".join(quote_db_ident(p) for p in self.volume[:3])
+
+    def probe(self, name: str, create: bool) -> None:
+        """Create the volume if missing and allowed, then write and remove a file in it."""
+        import io
+
+        assert self.volume is not None
+        catalog, schema, volume, _ = self.volume
+        if create and not self._volume_exists(catalog, schema, volume):
+            self.session.create(f"CREATE VOLUME IF NOT EXISTS {name}", f"the staging volume {name}",
+                                f"CREATE VOLUME ON SCHEMA {quote_db_ident(catalog)}.{quote_db_ident(schema)}")
+        probe = f"{self.volume_dir(None)}/.probe-{uuid.uuid4().hex}"  # pids repeat across containers
+        self.session.execute(f"PUT '__input_stream__' INTO '{probe}' OVERWRITE", input_stream=io.BytesIO(b"ok"),
+                             doing="writing to the staging volume")
+        self.session.execute(f"REMOVE '{probe}'", doing="cleaning the staging volume")
+
+    def _volume_exists(self, catalog: str, schema: str, volume: str) -> bool:
+        rows = self.session.execute(f"SHOW VOLUMES IN {quote_db_ident(catalog)}.{quote_db_ident(schema)}",
+                                    fetch=True, doing="looking for the staging volume")
+        names = {str(row.asDict().get("volume_name", row[-1]) if hasattr(row, "asDict") else row[-1]).lower()
+                 for row in rows}
+        return volume.lower() in names
+
+    def volume_dir(self, app_id: str | None) -> str:
+        assert self.volume is not None
+        catalog, schema, volume, directory = self.volume
+        base = f"/Volumes/{catalog}/{schema}/{volume}" + (f"/{directory}" if directory else "")
+        return base if app_id is None else f"{base}/{safe_file_part(app_id)}"
+
+    def write(self, batch: Batch, rows: Any) -> None:
+        buffer = parquet_stream(rows)
+        directory = self.volume_dir(batch.app_id)
+        # COPY INTO skips a file name it loaded before, even with other content, and its load
+        # history outlives TRUNCATE and DELETE: a name is never used for two attempts. The
+        # record names the file first, so a replay stages the same rows under the same name.
+        if batch.replay_method is not None:
+            file_name = batch.staged_file or f"batch-{batch.seq:012d}.parquet"  # records from before names
+        elif self.progress.records_files:
+            file_name = f"batch-{batch.seq:012d}-{uuid.uuid4().hex[:16]}.parquet"
+        else:
+            file_name = f"batch-{batch.seq:012d}.parquet"
+        self.progress.record(batch, "copy", file_name)
+        self.session.execute(f"PUT '__input_stream__' INTO '{directory}/{file_name}' OVERWRITE",
+                             input_stream=buffer, doing=f"staging batch {batch.seq}")
+        result = self.session.execute(copy_into_statement(self.table.full_name, directory, [file_name]),
+                                      fetch=True, doing=f"loading batch {batch.seq}")
+        LOG.debug("COPY INTO batch %d: %s", batch.seq, result)
+        self._check_copied(batch, rows.num_rows, result, f"{directory}/{file_name}")
+        try:
+            self.session.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
+        except StagingStorageError as exc:  # the rows are in; a file left behind costs only space
+            LOG.warning("%s Batch %d is loaded; its staged file %s/%s stays in the volume.", exc, batch.seq,
+                        directory, file_name)
+
+    @staticmethod
+    def _check_copied(batch: Batch, expected: int, result: list, path: str) -> None:
+        """COPY INTO loads all of the file or nothing: nothing when it loaded it before (a replay, or
+        a statement the connector sent again after a lost answer). Anything else is not exactly-once."""
+        inserted = copy_inserted_rows(result)
+        if inserted is None or inserted == expected:
+            return
+        if inserted == 0:
+            LOG.info("Batch %d was already loaded (%s); COPY INTO skipped it.",
+                     batch.seq, "a replay" if batch.replay_method else "the statement was sent again")
+            return
+        raise ConfigError(f"COPY INTO loaded {inserted} of the {expected} rows of batch {batch.seq} from {path}: the "
+                          "table or its load history does not match what the uploader staged (was the file changed, "
+                          "or the table altered while loading?). Nothing more is loaded; check the table's rows of "
+                          "this batch, then run again.")
+
+
+class InsertLoad:
+    """The fallback without a usable volume: the record, then multi-row INSERTs of literal values,
+    each guarded by NOT EXISTS on its own _batch_id value, so a re-sent INSERT inserts nothing."""
+
+    def __init__(self, session: DatabricksSession, table: DatabricksTable, progress: ProgressTable):
+        self.session = session
+        self.table = table
+        self.progress = progress
+
+    def write(self, batch: Batch, rows: Any) -> None:
+        try:
+            chunks = list(literal_chunks(rows, MAX_STATEMENT_BYTES, MAX_ROW_STATEMENT_BYTES))
+        except RowTooLarge as exc:
+            # Checked before the batch is recorded: nothing of it is loaded, and a staging volume
+            # can still take it as Parquet on the next run.
+            raise ConfigError(f"Row {exc.index + 1} of batch {batch.seq} ({exc.names}) needs {exc.size:,} bytes "
+                              f"as SQL text, more than a Databricks statement can carry ({MAX_ROW_STATEMENT_BYTES:,}). "
+                              "Nothing of this batch was loaded. Load through a staging volume (staging_volume: "
+                              "auto or a /Volumes path, with READ VOLUME and WRITE VOLUME), which takes rows of "
+                              "any size as Parquet.") from None
+        self.progress.record(batch, "insert")
+        names = [f.name for f in rows.schema]
+        guard = "_batch_id"
+        full_name = self.table.full_name
+        column_list = ", ".join(quote_db_ident(n) for n in names)
+        aliases = ", ".join(f"c{i}" for i in range(len(names)))
+        batch_index = names.index(guard)
+        for part, chunk in enumerate(chunks):
+            part_id = f"{batch.app_id}:{batch.seq}.{part}"
+            values = ", ".join("(" + ", ".join(
+                sql_literal(part_id) if i == batch_index else literal for i, literal in enumerate(row)) + ")"
+                for row in chunk)
+            self.session.execute(
+                f"INSERT INTO {full_name} ({column_list}) SELECT * FROM VALUES {values} AS v({aliases}) "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {full_name} WHERE {quote_db_ident(guard)} = "
+                f"{sql_literal(part_id)})", doing=f"inserting batch {batch.seq} part {part}")
+
+    def landed(self, batch: Batch) -> bool:
+        """Whether any row of the batch is in the table (a COPY INTO is all or nothing)."""
+        rows = self.session.execute(
+            f"SELECT count(*) FROM {self.table.full_name} WHERE `_batch_id` = :batch",
+            {"batch": f"{batch.app_id}:{batch.seq}"}, fetch=True, doing=f"checking batch {batch.seq}")
+        return bool(rows and rows[0][0])
+
+
+class DatabricksTarget:
+    """A Databricks table loaded through databricks-sql-connector: the session, the table, the
+    progress records and the two load paths (CopyLoad through a staging volume, InsertLoad
+    without one), chosen once per run behind the one Target interface."""
+
+    kind = "databricks"
+
+    def __init__(self, settings: Settings, table_name: str):
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.lineage = [LINEAGE_CHOICES[c] for c in settings.lineage_columns]
+        self.session = DatabricksSession(settings)
+        self.table = DatabricksTable(self.session, settings, table_name)
+        self.progress = ProgressTable(self.session, self.table, settings.node_id)
+        self.copy = CopyLoad(self.session, self.table, self.progress)
+        self.insert = InsertLoad(self.session, self.table, self.progress)
+        self.arrow_schema: Any = None
+        self.method: str | None = None  # "copy" or "insert", decided once per run
+        self.storage_failed = False  # staging's cloud-storage leg failed: INSERT until the process restarts
+
+    @property
+    def full_name(self) -> str:
+        return self.table.full_name
+
+    def describe(self) -> str:
+        table = self.table
+        return f"databricks:{self.session.describe()}#" + ".".join(
+            p for p in (table.catalog, table.schema_name, table.table_name) if p)
+
+    def prepare(self, schema: Any) -> Any:
+        """Create or check the table once per run; return the schema batches must have."""
+        import pyarrow as pa
+
+        clashing = sorted(f.name for f in schema if f.name.lower() in {c.lower() for c in self.lineage})
+        if clashing:
+            raise ConfigError(f"Source column(s) {', '.join(clashing)} have the name of a lineage column; leave "
+                              "that lineage column out of lineage_columns, or rename the source column.")
+        if self.method is None:
+            self.progress.ensure(self.settings.create_table)
+            self.method = self._choose_method()
+            if self.method == "insert" and "_batch_id" not in self.lineage:
+                raise ConfigError("Loading with INSERT statements needs the _batch_id lineage column to stay "
+                                  "exactly-once: add batch_id to lineage_columns (LINEAGE_COLUMNS=batch_id), or "
+                                  "give the uploader a usable staging volume.")
+        self.arrow_schema = self.table.conform(pa.schema(list(schema) + [lineage_field(c) for c in self.lineage]))
+        return self.arrow_schema
 
     def _choose_method(self) -> str:
         setting = (self.settings.staging_volume or "auto").strip()
@@ -2902,35 +3199,11 @@ class DatabricksTarget:
             return "insert"
         if self.storage_failed:
             return "insert"  # cloud storage failed earlier in this process: not tried again until a restart
-        if setting.lower() == "auto":
-            catalog = self.catalog or self._current_catalog()
-            if catalog.lower() in NO_VOLUME_CATALOGS:
-                LOG.info("The catalog %s cannot hold volumes (they exist only in Unity Catalog): loading with "
-                         "INSERT statements.", catalog)
-                return "insert"
-            self.volume = (catalog, self.schema_name, "sqlite_uploader_staging", "")
-            if not volume_path_is_safe(self.volume):
-                LOG.warning("The schema or catalog name holds a quote, backslash or control character, which "
-                            "a staging path cannot carry safely; loading with INSERT statements instead.")
-                return "insert"
-        else:
-            self.volume = parse_volume(setting)
-            if self.volume[0].lower() in NO_VOLUME_CATALOGS:
-                raise ConfigError(f"staging_volume {setting} is in the catalog {self.volume[0]}, which cannot hold "
-                                  "volumes (they exist only in Unity Catalog). Name a volume in a Unity Catalog "
-                                  "catalog, or set staging_volume to none (or auto) to load with INSERT statements.")
-        catalog, schema, volume, _ = self.volume
-        name = ".".join(quote_db_ident(p) for p in (catalog, schema, volume))
+        name = self.copy.choose_volume(setting)
+        if name is None:
+            return "insert"
         try:
-            if self.settings.create_table and not self._volume_exists(catalog, schema, volume):
-                self._create(f"CREATE VOLUME IF NOT EXISTS {name}", f"the staging volume {name}",
-                             f"CREATE VOLUME ON SCHEMA {quote_db_ident(catalog)}.{quote_db_ident(schema)}")
-            probe = f"{self.volume_dir(None)}/.probe-{uuid.uuid4().hex}"  # pids repeat across containers
-            import io
-
-            self.execute(f"PUT '__input_stream__' INTO '{probe}' OVERWRITE", input_stream=io.BytesIO(b"ok"),
-                         doing="writing to the staging volume")
-            self.execute(f"REMOVE '{probe}'", doing="cleaning the staging volume")
+            self.copy.probe(name, self.settings.create_table)
         except StagingStorageError as exc:
             self._storage_fallback(exc)
             return "insert"
@@ -2940,7 +3213,7 @@ class DatabricksTarget:
             LOG.warning("The staging volume %s cannot be used (%s); loading with INSERT statements instead, "
                         "which is slower. Grant READ VOLUME and WRITE VOLUME (see README).", name, exc)
             return "insert"
-        LOG.info("Loading through the staging volume /Volumes/%s/%s/%s with COPY INTO.", catalog, schema, volume)
+        LOG.info("Loading through the staging volume %s with COPY INTO.", self.copy.volume_dir(None))
         return "copy"
 
     def _storage_fallback(self, exc: StagingStorageError) -> None:
@@ -2957,112 +3230,26 @@ class DatabricksTarget:
         LOG.warning("%s Loading with INSERT statements instead until the uploader restarts (slower, still exactly "
                     "once); restart it once the storage can be reached to go back to COPY INTO.", exc)
 
-    def _current_catalog(self) -> str:
-        rows = self.execute("SELECT current_catalog()", fetch=True, doing="finding the current catalog")
-        return str(rows[0][0])
-
-    def _volume_exists(self, catalog: str, schema: str, volume: str) -> bool:
-        rows = self.execute(f"SHOW VOLUMES IN {quote_db_ident(catalog)}.{quote_db_ident(schema)}", fetch=True,
-                            doing="looking for the staging volume")
-        names = {str(row.asDict().get("volume_name", row[-1]) if hasattr(row, "asDict") else row[-1]).lower()
-                 for row in rows}
-        return volume.lower() in names
-
-    def volume_dir(self, app_id: str | None) -> str:
-        assert self.volume is not None
-        catalog, schema, volume, directory = self.volume
-        base = f"/Volumes/{catalog}/{schema}/{volume}" + (f"/{directory}" if directory else "")
-        return base if app_id is None else f"{base}/{safe_file_part(app_id)}"
-
-    def _create_table(self, schema: Any) -> None:
-        if not self.settings.create_table:
-            raise ConfigError(f"Table {self.full_name} does not exist and create_table is off. Create it "
-                              "(README: Databricks table setup) or set create_table: true.")
-        columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in schema)
-        mapped = [f.name for f in schema if DELTA_INVALID_NAME_CHARS.search(f.name)]
-        # Delta takes a space or one of ,;{}()= in a column name only with column mapping;
-        # setting the mode upgrades the table's protocol (readers need Databricks Runtime 10.4+).
-        properties = f" TBLPROPERTIES ('{COLUMN_MAPPING_MODE}' = 'name')" if mapped else ""
-        self.execute(f"CREATE TABLE IF NOT EXISTS {self.full_name} ({columns}){properties}",
-                     doing="creating the table")
-        LOG.info("Created table %s (%s)%s.", self.full_name, columns,
-                 f" with column mapping, for the column name(s) {', '.join(map(repr, mapped))}" if mapped else "")
-        self.columns = {f.name: databricks_type(f.type) for f in schema}
-
-    def _add_columns(self, fields: list) -> None:
-        assert self.columns is not None
-        if not self.settings.create_table:
-            raise ConfigError(f"Source column(s) {', '.join(f.name for f in fields)} are not in "
-                              f"{self.full_name} and create_table is off: add them to the table.")
-        columns = ", ".join(f"{quote_db_ident(f.name)} {databricks_type(f.type)}" for f in fields)
-        try:
-            self.execute(f"ALTER TABLE {self.full_name} ADD COLUMNS ({columns})", doing="adding columns")
-        except UploaderError as exc:
-            # A re-sent ALTER (answer lost, connector retried) or another node was first: the
-            # columns are there now. Anything else: look at the table afresh next time.
-            self.columns = None
-            if not already_exists(exc):
-                raise
-            self.columns = self.describe_columns(self.table_name)
-            if self.columns is None or any(f.name.lower() not in {c.lower() for c in self.columns} for f in fields):
-                raise
-            return
-        LOG.info("Added column(s) %s to %s.", columns, self.full_name)
-        self.columns.update({f.name: databricks_type(f.type) for f in fields})
-
-    # -- exactly-once records ----------------------------------------------------------------
     def committed(self, app_id: str) -> CommitRecord | None:
-        if self.columns is None and self.describe_columns(PROGRESS_TABLE) is None:
-            return None
-        staged = "staged_file" if self.records_files else "NULL"
-        rows = self.execute(
-            f"SELECT seq, watermark, before, last_loc, load_method, {staged} FROM {self.qualified(PROGRESS_TABLE)} "
-            "WHERE app_id = :app ORDER BY seq DESC, CASE WHEN load_method = 'insert' THEN 0 ELSE 1 END LIMIT 1",
-            {"app": app_id}, fetch=True,
-            doing="reading the progress table")
-        if not rows:
-            return None
-        seq, watermark, before, last_loc, method, staged_file = rows[0]
-        return CommitRecord(int(seq), Watermark.from_json(json.loads(watermark)), complete=False,
-                            before=Watermark.from_json(json.loads(before)),
-                            last_loc=json_restore(json.loads(last_loc)), method=method, staged_file=staged_file)
+        return self.progress.last(app_id)
 
-    def _record(self, batch: Batch, method: str, staged_file: str | None = None) -> None:
-        """The batch's record, written before its rows: what a restart must replay, and how."""
-        staged = (", staged_file", ", :staged") if self.records_files else ("", "")
-        self.execute(
-            f"INSERT INTO {self.qualified(PROGRESS_TABLE)} (app_id, seq, node_id, watermark, before, last_loc, "
-            f"row_count, recorded_at, load_method{staged[0]}) VALUES (:app, :seq, :node, :mark, :before, :last, "
-            f":rows, current_timestamp(), :method{staged[1]})",
-            {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
-             "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
-             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method,
-             **({"staged": staged_file} if self.records_files else {})},
-            doing=f"recording batch {batch.seq}")
-
-    # -- loading -------------------------------------------------------------------------
     def write(self, batch: Batch) -> None:
-        rows = self._with_lineage(batch)
+        rows = cast_to_table(with_lineage(batch, self.lineage, self.node_id), self.arrow_schema)
         method = self.method
         if batch.replay_method == "insert":
             # Some of its INSERT parts may have landed: only the same parts, with the same
             # guards, can finish it without duplicates.
             method = "insert"
-        elif batch.replay_method == "copy" and method == "insert":
-            # Begun as a COPY INTO (all or nothing), finished by INSERT: skip it if it landed.
-            landed = self.execute(
-                f"SELECT count(*) FROM {self.full_name} WHERE `_batch_id` = :batch",
-                {"batch": f"{batch.app_id}:{batch.seq}"}, fetch=True, doing=f"checking batch {batch.seq}")
-            if landed and landed[0][0]:
-                return
+        elif batch.replay_method == "copy" and method == "insert" and self.insert.landed(batch):
+            return  # begun as a COPY INTO (all or nothing), and it landed
         if method == "insert" and "_batch_id" not in self.lineage:
             raise ConfigError(f"Batch {batch.seq} was begun with INSERT statements; finishing it needs the "
                               "_batch_id lineage column (lineage_columns: batch_id).")
         if method != "copy":
-            self._write_insert(batch, rows)
+            self.insert.write(batch, rows)
             return
         try:
-            self._write_copy(batch, rows)
+            self.copy.write(batch, rows)
             return
         except StagingStorageError as exc:
             self._storage_fallback(exc)  # raises unless INSERT statements can take over
@@ -3070,143 +3257,79 @@ class DatabricksTarget:
         # of a COPY batch, which looks first.
         self.write(dataclasses.replace(batch, replay_method="copy"))
 
-    def _with_lineage(self, batch: Batch) -> Any:
-        import pyarrow as pa
-
-        rows = batch.rows
-        values = {"_node_id": self.node_id, "_batch_id": f"{batch.app_id}:{batch.seq}",
-                  "_uploaded_at": datetime.now(timezone.utc)}
-        for column in self.lineage:
-            field_type = self._lineage_field(column).type
-            rows = rows.append_column(column, pa.array([values[column]] * rows.num_rows, type=field_type))
-        if self.arrow_schema is None:
-            return rows
-        # The table's spelling of each name (it may differ in case), then its types. Aggregated
-        # numbers for a DECIMAL column are rounded (and checked) as source values are.
-        rows = rows.rename_columns(self.arrow_schema.names)
-        for index, wanted in enumerate(self.arrow_schema):
-            if pa.types.is_decimal(wanted.type) and not pa.types.is_decimal(rows.schema.field(index).type):
-                numbers = to_decimal_column(rows.column(index).to_pylist(), wanted.type, wanted.name,
-                                            ConversionReport())
-                rows = rows.set_column(index, wanted.name, numbers)
-        return rows.cast(self.arrow_schema)
-
-    def _write_copy(self, batch: Batch, rows: Any) -> None:
-        import io
-
-        import pyarrow.parquet as pq
-
-        buffer = io.BytesIO()
-        # Spark 3.x reads a Parquet date before 1582-10-15 (or such a timestamp) from a file that
-        # does not name its Spark version as an error (datetimeRebaseModeInRead = EXCEPTION), or
-        # (LEGACY) shifts it as if it were Julian. A file naming a Spark >= 3.0 writer, without the
-        # org.apache.spark.legacyDateTime key, is read as written: proleptic Gregorian, as pyarrow writes.
-        rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **SPARK_CALENDAR_METADATA})
-        pq.write_table(rows, buffer, compression="zstd")
-        buffer.seek(0)
-        directory = self.volume_dir(batch.app_id)
-        # COPY INTO skips a file name it loaded before, even with other content, and its load
-        # history outlives TRUNCATE and DELETE: a name is never used for two attempts. The
-        # record names the file first, so a replay stages the same rows under the same name.
-        replay = batch.replay_method is not None
-        if replay:
-            file_name = batch.staged_file or f"batch-{batch.seq:012d}.parquet"  # records from before names
-        elif self.records_files:
-            file_name = f"batch-{batch.seq:012d}-{uuid.uuid4().hex[:16]}.parquet"
-        else:
-            file_name = f"batch-{batch.seq:012d}.parquet"
-        self._record(batch, "copy", file_name)
-        self.execute(f"PUT '__input_stream__' INTO '{directory}/{file_name}' OVERWRITE", input_stream=buffer,
-                     doing=f"staging batch {batch.seq}")
-        result = self.execute(
-            f"COPY INTO {self.full_name} FROM '{directory}' FILEFORMAT = PARQUET FILES = ('{file_name}') "
-            "COPY_OPTIONS ('mergeSchema' = 'true')", fetch=True, doing=f"loading batch {batch.seq}")
-        LOG.debug("COPY INTO batch %d: %s", batch.seq, result)
-        self._check_copied(batch, rows.num_rows, result, f"{directory}/{file_name}")
-        try:
-            self.execute(f"REMOVE '{directory}/{file_name}'", doing=f"removing staged batch {batch.seq}")
-        except StagingStorageError as exc:  # the rows are in; a file left behind costs only space
-            LOG.warning("%s Batch %d is loaded; its staged file %s/%s stays in the volume.", exc, batch.seq,
-                        directory, file_name)
-
-    def _check_copied(self, batch: Batch, expected: int, result: list, path: str) -> None:
-        """COPY INTO loads all of the file or nothing: nothing when it loaded it before (a replay, or
-        a statement the connector sent again after a lost answer). Anything else is not exactly-once."""
-        inserted = copy_inserted_rows(result)
-        if inserted is None or inserted == expected:
-            return
-        if inserted == 0:
-            LOG.info("Batch %d was already loaded (%s); COPY INTO skipped it.",
-                     batch.seq, "a replay" if batch.replay_method else "the statement was sent again")
-            return
-        raise ConfigError(f"COPY INTO loaded {inserted} of the {expected} rows of batch {batch.seq} from {path}: the "
-                          "table or its load history does not match what the uploader staged (was the file changed, "
-                          "or the table altered while loading?). Nothing more is loaded; check the table's rows of "
-                          "this batch, then run again.")
-
-    def _write_insert(self, batch: Batch, rows: Any) -> None:
-        try:
-            chunks = list(literal_chunks(rows, MAX_STATEMENT_BYTES, MAX_ROW_STATEMENT_BYTES))
-        except RowTooLarge as exc:
-            # Checked before the batch is recorded: nothing of it is loaded, and a staging volume
-            # can still take it as Parquet on the next run.
-            raise ConfigError(f"Row {exc.index + 1} of batch {batch.seq} ({exc.names}) needs {exc.size:,} bytes "
-                              f"as SQL text, more than a Databricks statement can carry ({MAX_ROW_STATEMENT_BYTES:,}). "
-                              "Nothing of this batch was loaded. Load through a staging volume (staging_volume: "
-                              "auto or a /Volumes path, with READ VOLUME and WRITE VOLUME), which takes rows of "
-                              "any size as Parquet.") from None
-        self._record(batch, "insert")
-        names = [f.name for f in rows.schema]
-        guard = "_batch_id"
-        column_list = ", ".join(quote_db_ident(n) for n in names)
-        aliases = ", ".join(f"c{i}" for i in range(len(names)))
-        batch_index = names.index(guard)
-        for part, chunk in enumerate(chunks):
-            part_id = f"{batch.app_id}:{batch.seq}.{part}"
-            values = ", ".join("(" + ", ".join(
-                sql_literal(part_id) if i == batch_index else literal for i, literal in enumerate(row)) + ")"
-                for row in chunk)
-            self.execute(
-                f"INSERT INTO {self.full_name} ({column_list}) SELECT * FROM VALUES {values} AS v({aliases}) "
-                f"WHERE NOT EXISTS (SELECT 1 FROM {self.full_name} WHERE {quote_db_ident(guard)} = "
-                f"{sql_literal(part_id)})", doing=f"inserting batch {batch.seq} part {part}")
-
     # -- query mode ----------------------------------------------------------------------
     def run_query(self, sql: str) -> Any:
-        return self.execute_arrow(sql)
+        return self.session.execute_arrow(sql)
 
     def info(self, app_id: str | None) -> list[tuple[str, str]]:
-        lines = [("target", "Databricks SQL"), ("table", self.full_name),
-                 ("endpoint", self.describe().split("#")[0])]
-        columns = self.describe_columns(self.table_name)
-        if columns is None:
-            return [*lines, ("status", "table does not exist yet: nothing uploaded")]
-        count = self.execute(f"SELECT count(*) FROM {self.full_name}", fetch=True, doing="counting rows")[0][0]
-        lines.append(("rows", str(count)))
-        lines += [("column " + name, kind) for name, kind in columns.items()]
-        if self.describe_columns(PROGRESS_TABLE) is not None:
-            where, params = ("WHERE app_id = :app", {"app": app_id}) if app_id else ("", None)
-            rows = self.execute(
-                f"SELECT app_id, seq, node_id, watermark, recorded_at FROM {self.qualified(PROGRESS_TABLE)} "
-                f"{where} ORDER BY recorded_at DESC, seq DESC LIMIT 1", params, fetch=True,
-                doing="reading the progress table")
-            if rows:
-                app, seq, node, mark_json, recorded = rows[0]
-                mark = Watermark.from_json(json.loads(mark_json))
-                lines += [("last batch", f"{seq} from node {node} at {recorded} (app {app})"),
-                          ("last uploaded timestamp", micros_to_iso(mark.last_upload) or "-"),
-                          ("cursor", json.dumps(mark.to_json()))]
-        lower = {c.lower() for c in columns}
-        if "_node_id" in lower:
-            last = "max(`_uploaded_at`)" if "_uploaded_at" in lower else "NULL"
-            for node, rows_per_node, last_upload in self.execute(
-                    f"SELECT `_node_id`, count(*), {last} FROM {self.full_name} GROUP BY `_node_id` ORDER BY 1",
-                    fetch=True, doing="counting rows per node"):
-                lines.append((f"node {node}", f"{rows_per_node} rows, last upload {last_upload}"))
-        return lines
+        lines = [("target", "Databricks SQL"), ("table", self.full_name), ("endpoint", self.session.describe())]
+        table_lines = self.table.info()
+        if table_lines and table_lines[0][0] == "status":
+            return lines + table_lines
+        rows, columns = table_lines[:1], [line for line in table_lines[1:] if line[0].startswith("column ")]
+        nodes = [line for line in table_lines[1:] if line[0].startswith("node ")]
+        return lines + rows + columns + self.progress.info(app_id) + nodes
 
     def close(self) -> None:
-        self._drop_connection()
+        self.session.close()
+
+
+def lineage_field(column: str) -> Any:
+    import pyarrow as pa
+
+    return pa.field(column, pa.timestamp("us", tz="UTC") if column == "_uploaded_at" else pa.string())
+
+
+def with_lineage(batch: Batch, lineage: Sequence[str], node_id: str) -> Any:
+    """The batch's rows with the chosen lineage columns appended."""
+    import pyarrow as pa
+
+    rows = batch.rows
+    values = {"_node_id": node_id, "_batch_id": f"{batch.app_id}:{batch.seq}",
+              "_uploaded_at": datetime.now(timezone.utc)}
+    for column in lineage:
+        rows = rows.append_column(column, pa.array([values[column]] * rows.num_rows, type=lineage_field(column).type))
+    return rows
+
+
+def cast_to_table(rows: Any, schema: Any) -> Any:
+    """Rows with the table's spelling of each name (it may differ in case), then its types.
+    Aggregated numbers for a DECIMAL column are rounded (and checked) as source values are."""
+    import pyarrow as pa
+
+    if schema is None:
+        return rows
+    rows = rows.rename_columns(schema.names)
+    for index, wanted in enumerate(schema):
+        if pa.types.is_decimal(wanted.type) and not pa.types.is_decimal(rows.schema.field(index).type):
+            numbers = to_decimal_column(rows.column(index).to_pylist(), wanted.type, wanted.name, ConversionReport())
+            rows = rows.set_column(index, wanted.name, numbers)
+    return rows.cast(schema)
+
+
+def parquet_stream(rows: Any, metadata: dict[bytes, bytes] | None = None) -> Any:
+    """The rows as a Parquet file in memory, for a staging or landing upload."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    # Spark 3.x reads a Parquet date before 1582-10-15 (or such a timestamp) from a file that
+    # does not name its Spark version as an error (datetimeRebaseModeInRead = EXCEPTION), or
+    # (LEGACY) shifts it as if it were Julian. A file naming a Spark >= 3.0 writer, without the
+    # org.apache.spark.legacyDateTime key, is read as written: proleptic Gregorian, as pyarrow writes.
+    rows = rows.replace_schema_metadata({**(rows.schema.metadata or {}), **SPARK_CALENDAR_METADATA,
+                                         **(metadata or {})})
+    pq.write_table(rows, buffer, compression="zstd")
+    buffer.seek(0)
+    return buffer
+
+
+def copy_into_statement(table: str, directory: str, files: Sequence[str]) -> str:
+    """COPY INTO of named files (relative to `directory`); new columns in them are added."""
+    names = ", ".join(sql_literal(name) for name in files)
+    return (f"COPY INTO {table} FROM '{directory}' FILEFORMAT = PARQUET FILES = ({names}) "
+            "COPY_OPTIONS ('mergeSchema' = 'true')")
 
 
 MAX_STATEMENT_BYTES = 900_000  # Databricks accepts statements up to 1 MB of text per parameter set
