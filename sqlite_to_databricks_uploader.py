@@ -8,6 +8,8 @@
 #     "pyarrow>=18",
 #     "pandas>=2.2",
 #     "pyyaml>=6",
+#     # The landing path: the Files API client (one PUT per file).
+#     "databricks-sdk>=0.50,<1",
 # ]
 # ///
 """Ship new rows from a SQLite table into a Delta / Databricks table, exactly once.
@@ -176,6 +178,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("staging_volume", "STAGING_VOLUME", "str", "auto",
            "Unity Catalog volume for bulk loads, /Volumes/<catalog>/<schema>/<volume>[/dir]; 'auto' = "
            "/Volumes/<catalog>/<schema>/sqlite_uploader_staging (created if allowed); 'none' = INSERT only."),
+    Option("load_mode", "LOAD_MODE", "choice", "direct",
+           "How rows reach Databricks: 'direct' (this node runs SQL on a warehouse: COPY INTO through "
+           "staging_volume, or INSERT) or 'landing' (this node only uploads Parquet files into landing_volume "
+           "through the Files API, no warehouse; a loader run with --load-landed loads them).",
+           choices=("direct", "landing")),
+    Option("landing_volume", "LANDING_VOLUME", "str", None,
+           "Unity Catalog volume of the landing path, /Volumes/<catalog>/<schema>/<volume>[/dir]: nodes put "
+           "each batch under <table>/<node>/ there; --load-landed loads every table found there."),
     Option("create_table", "CREATE_TABLE", "bool", True,
            "Create a missing schema, table, progress table and volume, and add new source columns."),
     Option("node_id", "NODE_ID", "str", None,
@@ -234,6 +244,8 @@ class Settings:
     databricks_database: str = "default"
     databricks_table: str | None = None
     staging_volume: str = "auto"
+    load_mode: str = "direct"
+    landing_volume: str | None = None
     create_table: bool = True
     node_id: str | None = None
     lineage_columns: list = field(default_factory=list)
@@ -275,6 +287,7 @@ class Invocation:
     output: str = "table"
     config_path: str | None = None
     healthcheck: bool = False
+    load_landed: bool = False
 
 
 TRUE_WORDS = {"true", "1", "yes", "on", "y"}
@@ -406,6 +419,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--healthcheck", action="store_true",
                         help="Exit 0 if the upload loop using this state_dir is alive (its heartbeat is fresh), "
                         "else 1. For container health checks.")
+    parser.add_argument("--load-landed", action="store_true",
+                        help="Run the loader of the landing path: load every file that nodes landed in "
+                        "landing_volume into its table with COPY INTO, exactly once, then remove them. "
+                        "Repeats every interval; with --once, one pass (for a scheduled job).")
     for option in OPTIONS:
         env_note = f" [env {option.env}; default {option.default!r}]"
         flags = (option.flag, *option.flags)
@@ -464,13 +481,22 @@ def load_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = N
     validate_settings(settings)
     return Invocation(settings=settings, run_query=args.get("run_query"),
                       output=args.get("output", "table"), config_path=config_path,
-                      healthcheck=args.get("healthcheck", False))
+                      healthcheck=args.get("healthcheck", False), load_landed=args.get("load_landed", False))
 
 
 def validate_settings(settings: Settings) -> None:
     """Cross-field checks that need no database."""
     if settings.staging_volume.strip().lower() not in ("auto", "none"):
         parse_volume(settings.staging_volume)
+    if settings.landing_volume:
+        parse_volume(settings.landing_volume, "landing_volume")
+    if settings.load_mode == "landing":
+        if settings.target == "delta":
+            raise ConfigError("load_mode: landing puts files into a Databricks volume, but target is delta. Set "
+                              "target to databricks (or auto), or load_mode to direct.")
+        if not settings.landing_volume:
+            raise ConfigError("load_mode: landing needs landing_volume (LANDING_VOLUME, --landing-volume): the Unity "
+                              "Catalog volume the loader reads, /Volumes/<catalog>/<schema>/<volume>.")
     try:
         timezone_from_name(settings.source_timezone)
     except ConfigError as exc:
@@ -499,6 +525,8 @@ def timezone_from_name(name: str) -> timezone | Any:
 
 
 def uses_databricks(settings: Settings) -> bool:
+    if settings.load_mode == "landing":
+        return True
     if settings.target != "auto":
         return settings.target == "databricks"
     return any((settings.databricks_host, settings.databricks_http_path, settings.databricks_token,
@@ -2430,14 +2458,15 @@ def parse_databricks_host(host: str, http_path: str, need_path: bool = True) -> 
     return DatabricksEndpoint(parts.hostname, path, parts.port, parts.scheme == "http")
 
 
-def parse_volume(path: str) -> tuple[str, str, str, str]:
+def parse_volume(path: str, key: str = "staging_volume") -> tuple[str, str, str, str]:
     """'/Volumes/catalog/schema/volume[/dir]' -> (catalog, schema, volume, dir)."""
     parts = [p for p in path.strip().split("/") if p]
     if len(parts) < 4 or parts[0] != "Volumes":
-        raise ConfigError(f"staging_volume {path!r} must look like /Volumes/<catalog>/<schema>/<volume>[/dir].")
+        raise ConfigError(f"{key} {path!r} must look like /Volumes/<catalog>/<schema>/<volume>[/dir].")
     if not volume_path_is_safe(parts) or any(p in (".", "..") for p in parts):
-        raise ConfigError(f"staging_volume {path!r} contains a quote, backslash, control character or '..'; "
-                          "such paths cannot be staged safely. Choose another volume, or staging_volume: none.")
+        other = ", or staging_volume: none" if key == "staging_volume" else ""
+        raise ConfigError(f"{key} {path!r} contains a quote, backslash, control character or '..'; such paths "
+                          f"cannot be used safely. Choose another volume{other}.")
     return parts[1], parts[2], parts[3], "/".join(parts[4:])
 
 
@@ -2543,6 +2572,7 @@ class DatabricksSession:
         self.endpoint = parse_databricks_host(settings.databricks_host or "", settings.databricks_http_path or "")
         self.connection: Any = None
         self.inline_told = False  # said once that this cluster has no native parameters
+        self.statements = 0  # statements sent, for the loader's report
         self.auth = self._auth()
         if self.endpoint.plain_http:
             LOG.warning("databricks_host uses plain http://: the token travels unencrypted. Use this only "
@@ -2669,6 +2699,7 @@ class DatabricksSession:
             return cursor.fetchall() if fetch else []
 
         for attempt in itertools.count(1):
+            self.statements += 1
             try:
                 return self._with_cursor(run, doing)
             except WriteConflict as exc:
@@ -3566,7 +3597,426 @@ def literal_chunks(rows: Any, limit: int, row_limit: int) -> Iterator[list[list[
         yield chunk
 
 
+# --- The landing path: nodes put files into a volume through the Files API; one loader loads them.
+#
+# Layout in landing_volume:  <table>/<node>.<source digest>/batch-<seq>-<uuid>.parquet
+#                            <table>/<node>.<source digest>/_manifest/batch-<seq>.json
+# A data file appears whole or not at all (a Files API upload is atomic) and its name is never
+# used for other rows: the node's journal names it before the upload, so a retry or a replay
+# after a crash sends the same rows under the same name. The manifest, written after the data
+# file, is the node's proof of what it landed; the loader loads a file only once its manifest is
+# there, and COPY INTO's load history skips a name it loaded before.
+
+LANDING_FORMAT = 1
+MANIFEST_DIR = "_manifest"
+JOURNAL_FILE_NAME = "landing_journal.json"
+MANIFEST_NAME = re.compile(r"batch-(\d{12})\.json")
+LANDED_FILE = re.compile(r"batch-(\d{12})-[0-9a-f]{16}\.parquet")
+COPY_FILES_LIMIT = 1000  # COPY INTO takes at most 1,000 names in FILES = (...)
+
+
+class LandingFileMissing(Exception):
+    """The file or directory does not exist (HTTP 404)."""
+
+
+class LandingVolume:
+    """Files in a Unity Catalog volume through the Databricks Files API (databricks-sdk), with the
+    uploader's credentials: no SQL warehouse involved. Failures become the uploader's two kinds."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.endpoint = parse_databricks_host(settings.databricks_host or "", settings.databricks_http_path or "",
+                                              need_path=False)
+        self.catalog, self.schema, self.volume, directory = parse_volume(settings.landing_volume or "",
+                                                                          "landing_volume")
+        self.root = f"/Volumes/{self.catalog}/{self.schema}/{self.volume}" + (f"/{directory}" if directory else "")
+        self._files: Any = None
+
+    def files(self) -> Any:
+        if self._files is None:
+            from databricks.sdk import WorkspaceClient
+
+            settings = self.settings
+            if settings.databricks_token:
+                auth: dict[str, Any] = {"auth_type": "pat", "token": settings.databricks_token}
+            elif settings.databricks_client_id and settings.databricks_client_secret:
+                auth = {"auth_type": "oauth-m2m", "client_id": settings.databricks_client_id,
+                        "client_secret": settings.databricks_client_secret}
+            else:
+                raise ConfigError(NO_CREDENTIALS)
+            # Bounded like the SQL path: a dead network fails a cycle, which is then retried with backoff.
+            # The plain Files API client: one PUT per file (batches are far below its 5 GiB), no
+            # presigned cloud URLs, so a node needs to reach the workspace only.
+            client = WorkspaceClient(host=self.endpoint.base_url(), retry_timeout_seconds=int(
+                settings.databricks_retry_timeout), disable_experimental_files_api_client=True, **auth)
+            self._files = client.files
+        return self._files
+
+    def _call(self, doing: str, work: Callable[[], Any]) -> Any:
+        from databricks.sdk import errors
+
+        try:
+            return work()
+        except (errors.NotFound, errors.ResourceDoesNotExist) as exc:
+            raise LandingFileMissing(str(exc)) from None
+        except errors.PermissionDenied as exc:
+            raise ConfigError(f"Databricks refused {doing} ({mask_secrets(str(exc), self.settings)}): these "
+                              f"credentials lack a privilege on the volume {self.catalog}.{self.schema}.{self.volume}. "
+                              "Landing nodes need WRITE VOLUME (and READ VOLUME to rebuild a lost state_dir); the "
+                              "loader needs READ VOLUME and WRITE VOLUME (README: The landing path).") from None
+        except errors.Unauthenticated as exc:
+            raise ConfigError(f"Databricks refused the credentials while {doing} "
+                              f"({mask_secrets(str(exc), self.settings)}). Check DATABRICKS_TOKEN or the service "
+                              "principal's DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET.") from None
+        except (errors.TooManyRequests, errors.TemporarilyUnavailable, errors.InternalError,
+                errors.DeadlineExceeded, errors.RequestLimitExceeded, errors.ResourceExhausted,
+                TimeoutError, OSError) as exc:
+            raise TransientError(f"The Files API at {self.endpoint.host} gave no successful answer while {doing} "
+                                 f"within databricks_retry_timeout ({self.settings.databricks_retry_timeout:g} s): "
+                                 f"{mask_secrets(str(exc), self.settings)}. Retrying with backoff.") from None
+        except errors.DatabricksError as exc:
+            text = mask_secrets(str(exc), self.settings)
+            if http_status(exc) in (429, 500, 502, 503, 504) or UNAVAILABLE.search(text):
+                raise TransientError(f"The Files API is unavailable while {doing} ({text}); retrying.") from None
+            raise UploaderError(f"The Files API refused {doing}: {text}") from None
+        except Exception as exc:  # requests' errors: the network
+            if type(exc).__module__.startswith(("requests", "urllib3")):
+                raise TransientError(f"Cannot reach the Files API at {self.endpoint.host} while {doing}: "
+                                     f"{mask_secrets(str(exc), self.settings)}. Retrying with backoff.") from None
+            raise
+
+    def upload(self, path: str, data: Any) -> None:
+        """Put a file (a seekable stream), replacing one of the same name: a name only ever carries
+        one batch's rows, so a re-sent upload writes the same rows again."""
+        def put() -> None:
+            data.seek(0)
+            self.files().upload(path, data, overwrite=True)
+
+        try:
+            self._call(f"uploading {path}", put)
+        except LandingFileMissing:
+            raise ConfigError(f"The landing volume {self.catalog}.{self.schema}.{self.volume} does not exist. Have "
+                              f"an admin create it: CREATE VOLUME {self.catalog}.{self.schema}.{self.volume} "
+                              "(README: The landing path).") from None
+
+    def download(self, path: str) -> bytes:
+        return self._call(f"reading {path}", lambda: self.files().download(path).contents.read())
+
+    def list(self, directory: str) -> list[Any]:
+        """Entries (name, path, is_directory, file_size) of a directory; [] when it does not exist."""
+        try:
+            return list(self._call(f"listing {directory}", lambda: list(self.files().list_directory_contents(
+                directory))))
+        except LandingFileMissing:
+            return []
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(LandingFileMissing):  # gone already (a re-sent delete)
+            self._call(f"removing {path}", lambda: self.files().delete(path))
+
+
+def landing_node_dir(app_id: str, node_id: str) -> str:
+    """A node's directory under its table's: readable (the node id) and unique per source."""
+    return f"{safe_file_part(node_id)[:64]}.{app_id.rsplit(':', 1)[-1]}"
+
+
+@dataclass(frozen=True)
+class LandingEntry:
+    """One batch a node landed (its manifest), or means to land (the journal before the upload)."""
+
+    seq: int
+    file: str
+    rows: int
+    watermark: dict
+    before: dict
+    last_loc: Any
+    columns: dict  # column -> Databricks type, in order
+    app_id: str
+    node_id: str
+    table: str
+    landed: bool = True
+
+    def to_json(self) -> dict:
+        return {"format": LANDING_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LandingEntry:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def record(self) -> CommitRecord:
+        return CommitRecord(self.seq, Watermark.from_json(self.watermark), complete=self.landed,
+                            before=Watermark.from_json(self.before), last_loc=json_restore(self.last_loc),
+                            method="landing", staged_file=self.file)
+
+
+class LandingTarget:
+    """The node side of the landing path: each batch becomes one Parquet file plus its manifest in
+    the landing volume, and nothing else -- no SQL warehouse runs for a node.
+
+    The journal in state_dir names a batch's file before the upload (so a crash or a lost answer
+    sends the same rows under the same name again) and says when both files are in."""
+
+    kind = "landing"
+
+    def __init__(self, settings: Settings, table_name: str):
+        self.settings = settings
+        self.table_name = table_name
+        self.node_id = settings.node_id or ""
+        self.lineage = [LINEAGE_CHOICES[c] for c in settings.lineage_columns]
+        self.volume = LandingVolume(settings)
+        self.journal = Path(settings.state_dir) / JOURNAL_FILE_NAME
+        self.schema: Any = None
+        self.told_unreadable = False
+
+    def describe(self) -> str:
+        return f"landing:{self.volume.endpoint.base_url()}{self.table_dir()}"
+
+    def table_dir(self) -> str:
+        return f"{self.volume.root}/{safe_file_part(self.table_name)}"
+
+    def node_dir(self, app_id: str) -> str:
+        return f"{self.table_dir()}/{landing_node_dir(app_id, self.node_id)}"
+
+    def prepare(self, schema: Any) -> Any:
+        import pyarrow as pa
+
+        clashing = sorted(f.name for f in schema if f.name.lower() in {c.lower() for c in self.lineage})
+        if clashing:
+            raise ConfigError(f"Source column(s) {', '.join(clashing)} have the name of a lineage column; leave "
+                              "that lineage column out of lineage_columns, or rename the source column.")
+        self.schema = pa.schema(list(schema) + [lineage_field(c) for c in self.lineage])
+        return self.schema
+
+    # -- what this node landed -------------------------------------------------------------
+    def committed(self, app_id: str) -> CommitRecord | None:
+        entry = self._journal_entry(app_id) or self._last_manifest(app_id)
+        return entry.record() if entry else None
+
+    def _journal_entry(self, app_id: str) -> LandingEntry | None:
+        try:
+            data = json.loads(self.journal.read_text(encoding="utf-8"))
+            entry = LandingEntry.from_json(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"The landing journal {self.journal} cannot be read ({exc}). It was not changed. Move "
+                              "it away to resume from the manifests in the landing volume (READ VOLUME).") from None
+        return entry if entry.app_id == app_id else None
+
+    def _last_manifest(self, app_id: str) -> LandingEntry | None:
+        """The newest manifest in this node's directory: its proof after the state_dir was lost.
+        Reading needs READ VOLUME; a node with WRITE VOLUME alone trusts its state_dir."""
+        directory = f"{self.node_dir(app_id)}/{MANIFEST_DIR}"
+        try:
+            names = [e.name for e in self.volume.list(directory) if MANIFEST_NAME.fullmatch(e.name or "")]
+            if not names:
+                return None
+            data = json.loads(self.volume.download(f"{directory}/{max(names)}"))
+        except ConfigError as exc:
+            if "privilege" not in str(exc):
+                raise
+            if not self.told_unreadable:
+                self.told_unreadable = True
+                LOG.warning("Cannot read this node's manifests in %s (no READ VOLUME): its state_dir is the only "
+                            "record of what it landed, so keep state_dir on persistent storage.", directory)
+            return None
+        except (LandingFileMissing, ValueError) as exc:
+            raise TransientError(f"The manifest in {directory} could not be read ({exc}); retrying.") from None
+        return LandingEntry.from_json(data)
+
+    # -- landing a batch ---------------------------------------------------------------------
+    def write(self, batch: Batch) -> None:
+        rows = cast_to_table(with_lineage(batch, self.lineage, self.node_id), self.schema)
+        name = batch.staged_file if batch.replay_method == "landing" and batch.staged_file else \
+            f"batch-{batch.seq:012d}-{uuid.uuid4().hex[:16]}.parquet"
+        entry = LandingEntry(batch.seq, name, rows.num_rows, batch.watermark.to_json(), batch.before.to_json(),
+                             json_safe(batch.last_loc), {f.name: databricks_type(f.type) for f in rows.schema},
+                             batch.app_id, self.node_id, self.table_name, landed=False)
+        self._save_journal(entry)  # the name first: a replay sends these rows under it again
+        directory = self.node_dir(batch.app_id)
+        self.volume.upload(f"{directory}/{name}", parquet_stream(rows))
+        manifest = json.dumps(dataclasses.replace(entry, landed=True).to_json(), sort_keys=True).encode()
+        self.volume.upload(f"{directory}/{MANIFEST_DIR}/batch-{batch.seq:012d}.json", io_bytes(manifest))
+        self._save_journal(dataclasses.replace(entry, landed=True))
+        LOG.debug("Landed batch %d as %s/%s (%d rows).", batch.seq, directory, name, rows.num_rows)
+
+    def _save_journal(self, entry: LandingEntry) -> None:
+        try:
+            write_file_atomically(self.journal, json.dumps(entry.to_json(), sort_keys=True) + "\n")
+        except OSError as exc:
+            raise TransientError(f"Cannot write the landing journal {self.journal}: {exc.strerror or exc}. Nothing "
+                                 "of this batch was landed; free space or fix the permissions of state_dir.") from None
+
+    # -- query mode ----------------------------------------------------------------------------
+    def run_query(self, sql: str) -> Any:
+        raise ConfigError("A landing node runs no SQL. Run --run-query where the loader runs (with "
+                          "DATABRICKS_HTTP_PATH and load_mode: direct), or --run-query INFO here.")
+
+    def info(self, app_id: str | None) -> list[tuple[str, str]]:
+        lines = [("target", "landing (Databricks Files API)"), ("landing directory", self.table_dir())]
+        if app_id is None:
+            return lines
+        lines.append(("node directory", self.node_dir(app_id)))
+        entry = self._journal_entry(app_id) or self._last_manifest(app_id)
+        if entry is None:
+            return [*lines, ("status", "nothing landed yet")]
+        mark = Watermark.from_json(entry.watermark)
+        lines += [("last batch", f"{entry.seq} ({entry.rows} rows, {entry.file}, "
+                                 f"{'landed' if entry.landed else 'landing interrupted, replayed on the next run'})"),
+                  ("last landed timestamp", micros_to_iso(mark.last_upload) or "-")]
+        with contextlib.suppress(ConfigError):
+            waiting = [e for e in self.volume.list(self.node_dir(app_id)) if LANDED_FILE.fullmatch(e.name or "")]
+            lines.append(("files waiting for the loader", str(len(waiting))))
+        return lines
+
+    def close(self) -> None:
+        pass
+
+
+def io_bytes(data: bytes) -> Any:
+    import io
+
+    return io.BytesIO(data)
+
+
+@dataclass
+class LoadStats:
+    tables: int = 0
+    nodes: int = 0
+    files: int = 0
+    rows: int = 0
+    skipped_rows: int = 0  # rows of files COPY INTO had loaded before (an interrupted loader run)
+    waiting: int = 0  # data files whose manifest is not there yet (a node is landing them)
+    removed: int = 0
+    statements: int = 0
+
+
+class LandedLoader:
+    """The central half of the landing path: every file that nodes landed, loaded into its table
+    with COPY INTO (up to 1,000 files per statement), then removed. A file is loaded once its
+    manifest is there; COPY INTO's load history skips a file it loaded before, so a loader run
+    that is killed after a COPY and before the removals loads nothing twice when it runs again.
+    The newest manifest of each node stays: it is the node's proof of what it landed."""
+
+    def __init__(self, settings: Settings):
+        if not settings.landing_volume:
+            raise ConfigError("--load-landed needs landing_volume (LANDING_VOLUME, --landing-volume): the volume "
+                              "the nodes land into, /Volumes/<catalog>/<schema>/<volume>.")
+        self.settings = settings
+        self.volume = LandingVolume(settings)
+        self.session = DatabricksSession(settings)
+        self.tables: dict[str, DatabricksTable] = {}
+
+    def describe(self) -> str:
+        return f"{self.volume.root} -> {self.session.describe()}"
+
+    def run_once(self, stop: threading.Event) -> LoadStats:
+        stats = LoadStats()
+        before = self.session.statements
+        for table_dir in self._table_dirs():
+            if stop.is_set():
+                break
+            self._load_table(table_dir, stats, stop)
+        stats.statements = self.session.statements - before
+        return stats
+
+    def _table_dirs(self) -> list[str]:
+        found = sorted(e.name for e in self.volume.list(self.volume.root) if e.is_directory)
+        wanted = self.settings.databricks_table
+        return [d for d in found if d == safe_file_part(wanted)] if wanted else found
+
+    def _load_table(self, table_dir: str, stats: LoadStats, stop: threading.Event) -> None:
+        root = f"{self.volume.root}/{table_dir}"
+        ready: list[tuple[str, LandingEntry]] = []  # (path relative to root, its manifest)
+        spent: list[str] = []  # manifests of loaded files, older than their node's newest
+        for node in (e.name for e in self.volume.list(root) if e.is_directory):
+            node_ready, node_spent, waiting = self._node_files(root, node)
+            ready += node_ready
+            spent += node_spent
+            stats.waiting += waiting
+            stats.nodes += bool(node_ready)
+        if ready:
+            table = self._table(ready[-1][1].table, ready)
+            for start in range(0, len(ready), COPY_FILES_LIMIT):
+                chunk = ready[start:start + COPY_FILES_LIMIT]
+                self._copy(table, root, chunk, stats)
+                for path, _entry in chunk:  # only after the COPY committed
+                    self.volume.delete(f"{root}/{path}")
+                    stats.removed += 1
+                if stop.is_set():
+                    return
+            stats.tables += 1
+        for path in spent:
+            self.volume.delete(path)
+
+    def _node_files(self, root: str, node: str) -> tuple[list[tuple[str, LandingEntry]], list[str], int]:
+        """A node's files that can be loaded, its manifests that are spent, and files not ready yet."""
+        directory = f"{root}/{node}"
+        data = {e.name for e in self.volume.list(directory) if LANDED_FILE.fullmatch(e.name or "")}
+        manifests = sorted(e.name for e in self.volume.list(f"{directory}/{MANIFEST_DIR}")
+                           if MANIFEST_NAME.fullmatch(e.name or ""))
+        by_seq = {int(MANIFEST_NAME.fullmatch(name).group(1)): name for name in manifests}  # type: ignore[union-attr]
+        ready, waiting = [], 0
+        for name in sorted(data):
+            seq = int(LANDED_FILE.fullmatch(name).group(1))  # type: ignore[union-attr]
+            if seq not in by_seq:
+                waiting += 1  # its node is landing it, or will land it again after a crash
+                continue
+            entry = LandingEntry.from_json(json.loads(self.volume.download(f"{directory}/{MANIFEST_DIR}/"
+                                                                            f"{by_seq[seq]}")))
+            if entry.file != name:
+                # An attempt whose journal was lost with its state_dir; the node landed that batch
+                # again under the name its manifest gives. Never loaded.
+                LOG.warning("Removing %s/%s: batch %d of this node landed as %s.", directory, name, seq, entry.file)
+                self.volume.delete(f"{directory}/{name}")
+                continue
+            ready.append((f"{node}/{name}", entry))
+        loaded = [seq for seq in by_seq if not any(n.startswith(f"batch-{seq:012d}-") for n in data)]
+        spent = [f"{directory}/{MANIFEST_DIR}/{by_seq[seq]}" for seq in loaded if seq < max(by_seq)]
+        return ready, spent, waiting
+
+    def _table(self, name: str, ready: list[tuple[str, LandingEntry]]) -> DatabricksTable:
+        """The target table, created or widened for every column the files carry."""
+        import pyarrow as pa
+
+        table = self.tables.get(name)
+        if table is None:
+            table = self.tables[name] = DatabricksTable(self.session, self.settings, name)
+            if self.settings.create_table and table.describe_columns(name) is None:
+                table.ensure_schema()
+        fields: dict[str, Any] = {}
+        for _path, entry in ready:
+            for column, kind in entry.columns.items():
+                fields.setdefault(column.lower(), pa.field(column, arrow_type_for_databricks(kind) or pa.string()))
+        table.conform(pa.schema(list(fields.values())))
+        return table
+
+    def _copy(self, table: DatabricksTable, root: str, chunk: list[tuple[str, LandingEntry]],
+              stats: LoadStats) -> None:
+        expected = sum(entry.rows for _path, entry in chunk)
+        result = self.session.execute(copy_into_statement(table.full_name, root, [path for path, _ in chunk]),
+                                      fetch=True, doing=f"loading {len(chunk)} landed file(s) into {table.full_name}")
+        inserted = copy_inserted_rows(result)
+        if inserted is not None and inserted > expected:
+            raise ConfigError(f"COPY INTO loaded {inserted} rows into {table.full_name} from {len(chunk)} landed "
+                              f"file(s) whose manifests say {expected}: the files were changed after they landed. "
+                              "Nothing was removed; check the landing directory.")
+        loaded = expected if inserted is None else inserted
+        if loaded < expected:
+            LOG.info("%d row(s) of these files were loaded by an earlier, interrupted run; COPY INTO skipped them.",
+                     expected - loaded)
+        stats.files += len(chunk)
+        stats.rows += loaded
+        stats.skipped_rows += expected - loaded
+
+    def close(self) -> None:
+        self.session.close()
+
+
 def make_target(settings: Settings, table_name: str) -> Target:
+    if settings.load_mode == "landing":
+        return LandingTarget(settings, table_name)
     if uses_databricks(settings):
         return DatabricksTarget(settings, table_name)
     return DeltaTarget(settings, table_name)
@@ -3655,23 +4105,29 @@ class StateFile:
                                  "fix the permissions of state_dir.") from None
 
     def _write(self, payload: str) -> None:
-        fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".upload_state.", suffix=".tmp")
+        write_file_atomically(self.path, payload)
+
+
+def write_file_atomically(path: Path, payload: str) -> None:
+    """Write to a temporary file, fsync it, rename it over `path`, fsync the directory: after a
+    crash the file is the old one or the new one, never a mix."""
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
-            raise
-        with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def state_checksum(data: dict) -> str:
@@ -4478,6 +4934,52 @@ def pause(stop: threading.Event, seconds: float, heartbeat: Heartbeat, phase: st
             return
 
 
+# --- The loader of the landing path
+
+def run_loader(settings: Settings, stop: threading.Event) -> int:
+    """--load-landed: load what the nodes landed, every interval (or once), until stopped."""
+    loader = LandedLoader(settings)
+    heartbeat = Heartbeat(settings.state_dir, heartbeat_stale_after(settings))
+    LOG.info("Loading landed files: %s.", loader.describe())
+    failures = 0
+    try:
+        while not stop.is_set():
+            heartbeat.beat("loading")
+            try:
+                stats = loader.run_once(stop)
+            except ConfigError:
+                raise
+            except (UploaderError, OSError) as exc:
+                failures += 1
+                heartbeat.failed()
+                if settings.once:
+                    raise UploaderError(f"Loading failed: {exc}") from exc
+                delay = backoff_delay(failures, settings.interval)
+                LOG.error("Loading failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
+                pause(stop, delay, heartbeat, "backing off")
+                continue
+            failures = 0
+            heartbeat.succeeded()
+            log_load(stats)
+            if settings.once:
+                break
+            pause(stop, settings.interval, heartbeat, "sleeping")
+    finally:
+        loader.close()
+    return EXIT_OK
+
+
+def log_load(stats: LoadStats) -> None:
+    if not stats.files:
+        LOG.info("Nothing to load%s.", f" ({stats.waiting} file(s) still landing)" if stats.waiting else "")
+        return
+    skipped = f", {stats.skipped_rows} already loaded by an interrupted run" if stats.skipped_rows else ""
+    waiting = f"; {stats.waiting} file(s) still landing" if stats.waiting else ""
+    LOG.info("Loaded %d file(s) from %d node(s) into %d table(s): %d row(s)%s, with %d SQL statement(s); removed "
+             "%d file(s)%s.", stats.files, stats.nodes, stats.tables, stats.rows, skipped, stats.statements,
+             stats.removed, waiting)
+
+
 # --- Query mode
 
 def run_query_mode(invocation: Invocation) -> int:
@@ -4490,6 +4992,8 @@ def run_query_mode(invocation: Invocation) -> int:
             app_id = app_id_for(settings.sqlite, source_table,
                                 app_scope(settings, default_table_name(settings, source_table)))
     info = invocation.run_query.strip().upper() == "INFO"
+    if settings.load_mode == "landing" and not info and settings.databricks_http_path:
+        settings = dataclasses.replace(settings, load_mode="direct")  # SQL goes to the warehouse the loader uses
     if uses_databricks(settings) and not info and not (settings.databricks_table or source_table):
         table_name = ""  # plain SQL on Databricks names its own tables
     else:
@@ -4660,6 +5164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_query_mode(invocation)
         stop = threading.Event()
         install_signal_handlers(stop)
+        if invocation.load_landed:
+            return run_loader(settings, stop)
         return run_uploader(settings, stop)
     except UploaderError as exc:
         LOG.error("%s", exc)
