@@ -3635,6 +3635,7 @@ class LandingVolume:
     def files(self) -> Any:
         if self._files is None:
             from databricks.sdk import WorkspaceClient
+            from databricks.sdk.config import Config
 
             settings = self.settings
             if settings.databricks_token:
@@ -3647,9 +3648,9 @@ class LandingVolume:
             # Bounded like the SQL path: a dead network fails a cycle, which is then retried with backoff.
             # The plain Files API client: one PUT per file (batches are far below its 5 GiB), no
             # presigned cloud URLs, so a node needs to reach the workspace only.
-            client = WorkspaceClient(host=self.endpoint.base_url(), retry_timeout_seconds=int(
-                settings.databricks_retry_timeout), disable_experimental_files_api_client=True, **auth)
-            self._files = client.files
+            config = Config(host=self.endpoint.base_url(), retry_timeout_seconds=int(settings.databricks_retry_timeout),
+                            disable_experimental_files_api_client=True, **auth)
+            self._files = WorkspaceClient(config=config).files
         return self._files
 
     def _call(self, doing: str, work: Callable[[], Any]) -> Any:
@@ -3730,7 +3731,7 @@ class LandingEntry:
     watermark: dict
     before: dict
     last_loc: Any
-    columns: dict  # column -> Databricks type, in order
+    columns: list  # [column, Databricks type] pairs, in the table's order
     app_id: str
     node_id: str
     table: str
@@ -3831,7 +3832,7 @@ class LandingTarget:
         name = batch.staged_file if batch.replay_method == "landing" and batch.staged_file else \
             f"batch-{batch.seq:012d}-{uuid.uuid4().hex[:16]}.parquet"
         entry = LandingEntry(batch.seq, name, rows.num_rows, batch.watermark.to_json(), batch.before.to_json(),
-                             json_safe(batch.last_loc), {f.name: databricks_type(f.type) for f in rows.schema},
+                             json_safe(batch.last_loc), [[f.name, databricks_type(f.type)] for f in rows.schema],
                              batch.app_id, self.node_id, self.table_name, landed=False)
         self._save_journal(entry)  # the name first: a replay sends these rows under it again
         directory = self.node_dir(batch.app_id)
@@ -3929,7 +3930,7 @@ class LandedLoader:
     def _load_table(self, table_dir: str, stats: LoadStats, stop: threading.Event) -> None:
         root = f"{self.volume.root}/{table_dir}"
         ready: list[tuple[str, LandingEntry]] = []  # (path relative to root, its manifest)
-        spent: list[str] = []  # manifests of loaded files, older than their node's newest
+        spent: list[str] = []  # manifests older than their node's newest: their files are loaded by the end
         for node in (e.name for e in self.volume.list(root) if e.is_directory):
             node_ready, node_spent, waiting = self._node_files(root, node)
             ready += node_ready
@@ -3972,8 +3973,7 @@ class LandedLoader:
                 self.volume.delete(f"{directory}/{name}")
                 continue
             ready.append((f"{node}/{name}", entry))
-        loaded = [seq for seq in by_seq if not any(n.startswith(f"batch-{seq:012d}-") for n in data)]
-        spent = [f"{directory}/{MANIFEST_DIR}/{by_seq[seq]}" for seq in loaded if seq < max(by_seq)]
+        spent = [f"{directory}/{MANIFEST_DIR}/{name}" for seq, name in by_seq.items() if seq < max(by_seq)]
         return ready, spent, waiting
 
     def _table(self, name: str, ready: list[tuple[str, LandingEntry]]) -> DatabricksTable:
@@ -3983,11 +3983,12 @@ class LandedLoader:
         table = self.tables.get(name)
         if table is None:
             table = self.tables[name] = DatabricksTable(self.session, self.settings, name)
-            if self.settings.create_table and table.describe_columns(name) is None:
+            table.columns = table.describe_columns(name)
+            if table.columns is None and self.settings.create_table:
                 table.ensure_schema()
         fields: dict[str, Any] = {}
         for _path, entry in ready:
-            for column, kind in entry.columns.items():
+            for column, kind in entry.columns:
                 fields.setdefault(column.lower(), pa.field(column, arrow_type_for_databricks(kind) or pa.string()))
         table.conform(pa.schema(list(fields.values())))
         return table
