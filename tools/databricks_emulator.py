@@ -663,6 +663,8 @@ class Storage:
 # --------------------------------------------------------------------------------------------
 FILES_API_RE = re.compile(r"^/api/2\.0/fs/(files|directories)(/.*)$")
 FILES_ENDPOINTS_PATH = "/api/2.0/fs/endpoints"
+FILES_PRESIGNED_PATHS = ("/api/2.0/fs/create-upload-part-urls", "/api/2.0/fs/create-download-url",
+                         "/api/2.0/fs/create-resumable-upload-url")
 FILES_LIST_MAX_PAGE = 1000  # Databricks coerces larger page_size values to 1000
 EMULATOR_WORKSPACE_ID = "1000000000000001"  # what /.well-known/databricks-config names this "workspace"
 SINGLE_SHOT_MAX_BYTES = 5 * 1024**3  # one PUT of the Files API takes at most 5 GiB
@@ -1587,6 +1589,9 @@ class Engine:
                 raise SqlError("[COPY_INTO_FILES_LIMIT] FILES can list at most 1000 files.", "54000")
             out = []
             for n in names:
+                if any(p in ("", ".", "..") for p in n.split("/")):
+                    # FILES name files under the FROM directory, never beside or above it.
+                    raise SqlError(f"[INVALID_PARAMETER_VALUE] Invalid file name in FILES: {n}", "22023")
                 lp = src / n
                 if not lp.is_file():
                     raise SqlError(f"[PATH_NOT_FOUND] Path does not exist: {src_vpath}/{n}.", "42K03")
@@ -2334,6 +2339,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._oauth_token(self._body())
             elif FILES_API_RE.match(path):
                 self._files("POST")
+            elif path in FILES_PRESIGNED_PATHS:
+                self._presigned_disabled()
             elif THRIFT_PATH_RE.match(path):
                 self._thrift()
             else:
@@ -2456,7 +2463,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 except FilesError as err:
                     self._files_error(err)
                     return
-                if method in FILES_WRITE_METHODS and emu.faults.take(
+                if method in ("PUT", "DELETE") and emu.faults.take(
                         ("drop_after_write",), "files", None, None, method, url.path) is not None:
                     # The write happened; the client never hears about it and must find out.
                     self._drop()
@@ -2481,10 +2488,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                     return emu.files.get_file(vpath, self.headers, head=method == "HEAD")
                 if method == "DELETE":
                     return emu.files.delete_file(vpath)
-                # POST ?action=initiate-upload: multipart uploads are not emulated. The endpoints API
-                # tells the SDK so; an SDK that asks anyway walks on to a single-shot PUT.
-                raise FilesError(501, "NOT_IMPLEMENTED", "Multipart uploads are not supported by the "
-                                 "emulator; upload in a single PUT (at most 5 GiB).")
+                return self._files_multipart(vpath, arg("action"))
             if method == "PUT":
                 return emu.files.create_directory(vpath)
             if method == "HEAD":
@@ -2495,7 +2499,27 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 return emu.files.delete_directory(vpath)
             raise FilesError(405, "BAD_REQUEST", f"{method} is not allowed on directories.")
 
-        def _files_auth(self, method: str, vpath: str) -> bool:
+        def _files_multipart(self, vpath: str, action: str | None) -> FilesAnswer:
+            """Multipart uploads through presigned URLs are not emulated. An SDK that starts one (0.8x
+            to 0.14x do for >= 50 MiB; newer ones only when the endpoints API offers it) gets a
+            session, then a refusal of the part URLs as from a workspace whose presigned URLs are
+            disabled, and falls back to one PUT of the whole file."""
+            emu.files.resolve(vpath, is_file=True)
+            if action == "initiate-upload":
+                body = {"multipart_upload": {"session_token": secrets.token_urlsafe(16)}}
+                return FilesAnswer(200, {}, json.dumps(body).encode())
+            if action == "abort-upload":
+                return FilesAnswer(200, {}, b"{}")
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", f"Unsupported action {action!r}.")
+
+        def _presigned_disabled(self) -> None:
+            """create-upload-part-urls / create-download-url / create-resumable-upload-url."""
+            self._body()
+            emu.stats.bump("http", "fs_presigned_refused")
+            self._json(403, FilesError(403, "PERMISSION_DENIED", "Presigned URLs are not enabled for this "
+                                       "workspace (emulator).", "FILES_API_API_IS_NOT_ENABLED").body())
+
+        def _files_auth(self, method: str, vpath: str | None) -> bool:
             """Bearer token as on the Thrift side; then the volume grants of least-privilege tokens:
             reading or listing needs READ VOLUME, writing or deleting WRITE VOLUME (Unity Catalog)."""
             auth = self.headers.get("Authorization")
@@ -2507,7 +2531,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._json(403, {"error_code": "PERMISSION_DENIED", "message": "Invalid access token."})
                 return False
             grants = (emu.config.get("volume_grants") or {}).get((auth or "").removeprefix("Bearer "))
-            if grants is None:
+            if grants is None or vpath is None:  # vpath None: no volume involved (endpoint discovery)
                 return True
             held = {g.upper().removesuffix(" VOLUME") for g in grants}
             needed = "WRITE" if method in FILES_WRITE_METHODS else "READ"
@@ -2561,6 +2585,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             does not serve the API yet does, and the SDK falls back to its built-in order."""
             self._body()
             emu.stats.bump("http", "fs_endpoints")
+            if not self._files_auth("GET", None):
+                return
             if emu.config.get("files_endpoints") == "none":
                 self._json(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "No API found for "
                                  f"'GET {FILES_ENDPOINTS_PATH}'"})
