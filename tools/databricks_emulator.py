@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 # Databricks SQL warehouses run in UTC; make the Python side (pyspark converts naive datetimes
 # with the process time zone) agree with the JVM side before anything imports time-aware code.
@@ -129,11 +129,19 @@ class Stats:
             self.http: Counter[str] = Counter()
             self.faults: Counter[str] = Counter()
             self.conflicts: Counter[str] = Counter()
+            self.files: Counter[str] = Counter()  # Files API requests per HTTP method
+            # Per client (X-Emulator-Client header, else a digest of the token): a benchmark shows
+            # which clients ran SQL and which only moved files.
+            self.clients: dict[str, Counter[str]] = {}
             self.rows_inserted = 0
 
     def bump(self, bucket: str, key: str, n: int = 1) -> None:
         with self._lock:
             getattr(self, bucket)[key] += n
+
+    def bump_client(self, client: str, key: str) -> None:
+        with self._lock:
+            self.clients.setdefault(client, Counter())[key] += 1
 
     def add_rows(self, n: int) -> None:
         with self._lock:
@@ -147,13 +155,25 @@ class Stats:
                 "http": dict(self.http),
                 "faults_fired": dict(self.faults),
                 "conflicts": dict(self.conflicts),
+                "files": dict(self.files),
+                "files_total": sum(self.files.values()),
+                "clients": {c: self._client_view(n) for c, n in self.clients.items()},
                 "rows_inserted": self.rows_inserted,
                 "rpc_total": sum(self.rpc.values()),
                 "statements_total": sum(self.statements.values()),
             }
 
 
-FAULT_KINDS = ("unavailable", "throttle", "drop_after_execute", "drop", "delay", "refuse")
+    @staticmethod
+    def _client_view(n: Counter[str]) -> dict[str, Any]:
+        files = {k[len("files "):]: v for k, v in n.items() if k.startswith("files ")}
+        return {"rpc": n["rpc"], "statements": n["statements"], "files": files,
+                "files_total": sum(files.values())}
+
+
+FAULT_KINDS = ("unavailable", "throttle", "drop_after_execute", "drop_after_write", "drop", "delay", "refuse")
+FAULT_SCOPES = ("thrift", "staging", "files", "all")
+FILES_WRITE_METHODS = ("PUT", "DELETE", "POST")
 
 
 @dataclass
@@ -165,7 +185,9 @@ class Fault:
     statement: str | None = None  # only ExecuteStatement whose kind or text matches this
     retry_after: int | None = None
     delay: float = 0.0
-    scope: str = "thrift"  # "thrift", "staging" or "all"
+    scope: str = "thrift"  # "thrift", "staging", "files" or "all"
+    method: str | None = None  # only HTTP requests of this method (Files API, presigned URLs)
+    path: str | None = None  # only HTTP requests whose path contains this (Files API)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Fault:
@@ -179,6 +201,10 @@ class Fault:
         rpc = d.get("rpc")
         if kind == "drop_after_execute" and rpc is None:
             rpc = "ExecuteStatement"
+        # drop_after_write only makes sense for the Files API: its default scope is "files".
+        scope = d.get("scope", "files" if kind == "drop_after_write" else "thrift")
+        if scope not in FAULT_SCOPES:
+            raise ValueError(f"unknown fault scope {scope!r}; expected one of {FAULT_SCOPES}")
         return cls(
             kind=kind,
             count=count,
@@ -187,7 +213,9 @@ class Fault:
             statement=d.get("statement"),
             retry_after=d.get("retry_after"),
             delay=float(d.get("delay", 0.0)),
-            scope=d.get("scope", "thrift"),
+            scope=scope,
+            method=(d.get("method") or "").upper() or None,
+            path=d.get("path"),
         )
 
     def expired(self) -> bool:
@@ -195,10 +223,15 @@ class Fault:
             return True
         return self.until is not None and time.monotonic() >= self.until
 
-    def matches(self, scope: str, rpc: str | None, statement: str | None) -> bool:
+    def matches(self, scope: str, rpc: str | None, statement: str | None,
+                method: str | None = None, path: str | None = None) -> bool:
         if self.scope != "all" and self.scope != scope:
             return False
         if self.rpc and self.rpc != rpc:
+            return False
+        if self.method and self.method != method:
+            return False
+        if self.path and (path is None or self.path not in path):
             return False
         if self.statement:
             if statement is None:
@@ -212,7 +245,7 @@ class Fault:
         left = None if self.until is None else max(0.0, self.until - time.monotonic())
         return {"kind": self.kind, "count": self.count, "seconds_left": left, "rpc": self.rpc,
                 "statement": self.statement, "retry_after": self.retry_after, "delay": self.delay,
-                "scope": self.scope}
+                "scope": self.scope, "method": self.method, "path": self.path}
 
 
 class Faults:
@@ -232,12 +265,12 @@ class Faults:
             self.refuse_until = 0.0
 
     def take(self, kinds: tuple[str, ...], scope: str, rpc: str | None,
-             statement: str | None) -> Fault | None:
+             statement: str | None, method: str | None = None, path: str | None = None) -> Fault | None:
         """Consume one use of the first active fault of these kinds that matches the request."""
         with self._lock:
             self._faults = [f for f in self._faults if not f.expired()]
             for f in self._faults:
-                if f.kind in kinds and f.matches(scope, rpc, statement):
+                if f.kind in kinds and f.matches(scope, rpc, statement, method, path):
                     if f.count is not None:
                         f.count -= 1
                     self._stats.bump("faults", f.kind)
@@ -623,6 +656,243 @@ class Storage:
         for leftover in self.txn.iterdir():
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Files API (/api/2.0/fs/files, /api/2.0/fs/directories) on the same volume storage as PUT/COPY INTO
+# --------------------------------------------------------------------------------------------
+FILES_API_RE = re.compile(r"^/api/2\.0/fs/(files|directories)(/.*)$")
+FILES_ENDPOINTS_PATH = "/api/2.0/fs/endpoints"
+FILES_PRESIGNED_PATHS = ("/api/2.0/fs/create-upload-part-urls", "/api/2.0/fs/create-download-url",
+                         "/api/2.0/fs/create-resumable-upload-url")
+FILES_LIST_MAX_PAGE = 1000  # Databricks coerces larger page_size values to 1000
+EMULATOR_WORKSPACE_ID = "1000000000000001"  # what /.well-known/databricks-config names this "workspace"
+SINGLE_SHOT_MAX_BYTES = 5 * 1024**3  # one PUT of the Files API takes at most 5 GiB
+
+
+class FilesError(Exception):
+    """An answer of the Files API other than success, in Databricks' JSON error shape."""
+
+    def __init__(self, status: int, error_code: str, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error_code, self.message, self.reason = status, error_code, message, reason
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error_code": self.error_code, "message": self.message}
+        if self.reason:
+            # The reason is what clients (the Databricks CLI) test to tell "not empty" from other 400s.
+            out["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": self.reason,
+                               "domain": "filesystem.databricks.com"}]
+        return out
+
+
+def http_date(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+@dataclass
+class FilesAnswer:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    ctype: str = "application/json"
+
+
+class FilesApi:
+    """The Files API's semantics on Storage: /Volumes/<c>/<s>/<v>/<path> is DIR/volumes/c/s/v/path.
+
+    Uploads land in DIR/_upload_tmp (same file system) and are renamed into place, so a reader (a
+    download, a COPY INTO) never sees a partial file and no temp file ever shows up in a listing.
+    """
+
+    def __init__(self, storage: Storage, config: dict[str, Any]) -> None:
+        self.storage = storage
+        self.config = config
+        self.tmp_dir = storage.root / "_upload_tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- paths ----
+    def resolve(self, vpath: str, is_file: bool) -> tuple[Path, Path]:
+        """'/Volumes/c/s/v/rest' -> (volume dir, local path), or a FilesError as Databricks answers."""
+        parts = [p for p in vpath.split("/") if p]
+        if len(parts) < (5 if is_file else 4) or parts[0] != "Volumes":
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", f"Invalid path: {vpath}. Expected "
+                             "/Volumes/<catalog>/<schema>/<volume>/<path>")
+        try:
+            return self.storage.resolve_volume_path(vpath)
+        except SqlError as exc:
+            if "UC_VOLUME_NOT_FOUND" in str(exc):
+                raise FilesError(404, "NOT_FOUND", f"Volume '{'.'.join(parts[1:4])}' does not exist.",
+                                 "FILES_API_VOLUME_NOT_FOUND") from exc
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", str(exc)) from exc
+
+    @staticmethod
+    def _not_found(vpath: str, what: str) -> FilesError:
+        reason = "FILES_API_FILE_IS_NOT_FOUND" if what == "file" else "FILES_API_DIRECTORY_IS_NOT_FOUND"
+        return FilesError(404, "NOT_FOUND", f"The {what} being accessed is not found. Path: {vpath}", reason)
+
+    def new_temp(self) -> Path:
+        return self.tmp_dir / f"{uuid.uuid4().hex}.upload"
+
+    # ---- files ----
+    def put_file(self, vpath: str, tmp: Path, overwrite: bool) -> FilesAnswer:
+        _, target = self.resolve(vpath, is_file=True)
+        if target.is_dir():
+            raise FilesError(409, "ALREADY_EXISTS", f"A directory already exists at {vpath}.")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)  # parents are created implicitly
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise FilesError(409, "ALREADY_EXISTS", f"A file exists where a parent directory of {vpath} "
+                             "should be.") from exc
+        if overwrite:
+            os.replace(tmp, target)
+            return FilesAnswer(204)
+        try:
+            # link() creates the name only if it is free, atomically: two racing uploads with
+            # overwrite=false cannot both win, and neither sees the other's half-written bytes.
+            os.link(tmp, target)
+        except FileExistsError as exc:
+            raise FilesError(409, "ALREADY_EXISTS", f"The file being created already exists: {vpath}",
+                             "FILES_API_FILE_ALREADY_EXISTS") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return FilesAnswer(204)
+
+    def get_file(self, vpath: str, headers: Any, head: bool) -> FilesAnswer:
+        _, target = self.resolve(vpath, is_file=True)
+        if not target.is_file():
+            raise self._not_found(vpath, "file")
+        st = target.stat()
+        meta = {"Last-Modified": http_date(st.st_mtime), "Accept-Ranges": "bytes"}
+        unmodified = headers.get("If-Unmodified-Since")
+        if unmodified and self._modified_since(st.st_mtime, unmodified):
+            raise FilesError(412, "FAILED_PRECONDITION", "The file has been modified since "
+                             f"{unmodified}: {vpath}")
+        if head:
+            return FilesAnswer(200, {**meta, "Content-Length": str(st.st_size)}, b"", "application/octet-stream")
+        data = target.read_bytes()
+        rng = self._range(headers.get("Range"), len(data))
+        if rng is None:
+            return FilesAnswer(200, meta, data, "application/octet-stream")
+        start, end = rng
+        meta["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return FilesAnswer(206, meta, data[start:end + 1], "application/octet-stream")
+
+    @staticmethod
+    def _modified_since(mtime: float, value: str) -> bool:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return int(mtime) > parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError):
+            return False
+
+    @staticmethod
+    def _range(value: str | None, size: int) -> tuple[int, int] | None:
+        """'bytes=a-b' / 'bytes=a-' / 'bytes=-n' -> inclusive (start, end); None = whole file."""
+        m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", value or "")
+        if not m or (not m.group(1) and not m.group(2)):
+            return None
+        if not m.group(1):
+            start, end = max(0, size - int(m.group(2))), size - 1
+        else:
+            start = int(m.group(1))
+            end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        if start >= size or start > end:
+            raise FilesError(416, "INVALID_PARAMETER_VALUE", f"Range {value} is not satisfiable for "
+                             f"{size} bytes.")
+        return start, end
+
+    def delete_file(self, vpath: str) -> FilesAnswer:
+        _, target = self.resolve(vpath, is_file=True)
+        if not target.is_file():
+            raise self._not_found(vpath, "file")
+        try:
+            target.unlink()
+        except FileNotFoundError as exc:  # deleted by a concurrent request
+            raise self._not_found(vpath, "file") from exc
+        return FilesAnswer(204)
+
+    # ---- directories ----
+    def create_directory(self, vpath: str) -> FilesAnswer:
+        _, target = self.resolve(vpath, is_file=False)
+        try:
+            target.mkdir(parents=True, exist_ok=True)  # mkdir -p: idempotent
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise FilesError(409, "ALREADY_EXISTS", f"A file already exists at this path: {vpath}") from exc
+        return FilesAnswer(204)
+
+    def directory_metadata(self, vpath: str) -> FilesAnswer:
+        _, target = self.resolve(vpath, is_file=False)
+        if not target.is_dir():
+            raise self._not_found(vpath, "directory")
+        return FilesAnswer(200)
+
+    def delete_directory(self, vpath: str) -> FilesAnswer:
+        vdir, target = self.resolve(vpath, is_file=False)
+        if target == vdir:
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", f"The volume root cannot be deleted: {vpath}. "
+                             "Use DROP VOLUME.")
+        if not target.is_dir():
+            raise self._not_found(vpath, "directory")
+        try:
+            target.rmdir()
+        except OSError as exc:
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", f"The directory is not empty: {vpath}",
+                             "FILES_API_DIRECTORY_IS_NOT_EMPTY") from exc
+        return FilesAnswer(204)
+
+    def list_directory(self, vpath: str, page_size: str | None, page_token: str | None) -> FilesAnswer:
+        _, target = self.resolve(vpath, is_file=False)
+        if not target.is_dir():
+            raise self._not_found(vpath, "directory")
+        size = self._page_size(page_size)
+        after = self._decode_token(page_token)
+        names = sorted(n for n in os.listdir(target) if after is None or n > after)
+        page, more = names[:size], len(names) > size
+        base = "/" + "/".join(p for p in vpath.split("/") if p)
+        contents = [e for e in (self._entry(base, target / n, n) for n in page) if e is not None]
+        out: dict[str, Any] = {"contents": contents}
+        if more:
+            out["next_page_token"] = self._encode_token(page[-1])
+        return FilesAnswer(200, {}, json.dumps(out).encode())
+
+    def _page_size(self, value: str | None) -> int:
+        default = int(self.config.get("files_list_page_size") or FILES_LIST_MAX_PAGE)
+        try:
+            wanted = int(value) if value else default
+        except ValueError as exc:
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", f"Invalid page_size: {value}") from exc
+        # The admin default also caps what a client asks for, so pagination shows with few files.
+        return max(1, min(wanted, default, FILES_LIST_MAX_PAGE))
+
+    @staticmethod
+    def _encode_token(name: str) -> str:
+        import base64
+
+        return base64.urlsafe_b64encode(name.encode()).decode()
+
+    @staticmethod
+    def _decode_token(token: str | None) -> str | None:
+        import base64
+
+        if not token:
+            return None
+        try:
+            return base64.urlsafe_b64decode(token.encode()).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", "Invalid page_token.") from exc
+
+    @staticmethod
+    def _entry(base: str, local: Path, name: str) -> dict[str, Any] | None:
+        try:
+            st = local.stat()
+        except FileNotFoundError:  # deleted while listing
+            return None
+        if local.is_dir():
+            return {"path": f"{base}/{name}/", "is_directory": True, "name": name}
+        return {"path": f"{base}/{name}", "is_directory": False, "file_size": st.st_size,
+                "last_modified": int(st.st_mtime * 1000), "name": name}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1319,6 +1589,9 @@ class Engine:
                 raise SqlError("[COPY_INTO_FILES_LIMIT] FILES can list at most 1000 files.", "54000")
             out = []
             for n in names:
+                if any(p in ("", ".", "..") for p in n.split("/")):
+                    # FILES name files under the FROM directory, never beside or above it.
+                    raise SqlError(f"[INVALID_PARAMETER_VALUE] Invalid file name in FILES: {n}", "22023")
                 lp = src / n
                 if not lp.is_file():
                     raise SqlError(f"[PATH_NOT_FOUND] Path does not exist: {src_vpath}/{n}.", "42K03")
@@ -1838,6 +2111,7 @@ class Emulator:
         self.engine = Engine(self.storage, self.stats)
         self.engine.config = self.config  # the admin settings reach the SQL engine too
         self.engine.base_url = f"http://127.0.0.1:{port}"
+        self.files = FilesApi(self.storage, self.config)
         self.service = ThriftService(self.engine, self.stats, self.config)
         self.processor = TCLIService.Processor(self.service)
         self.server: ThreadingHTTPServer | None = None
@@ -1951,6 +2225,11 @@ class Emulator:
 
 
 def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
+    def accepted_authorizations() -> set[str]:
+        """The main token, the restricted ones, and those with volume grants (landing nodes)."""
+        tokens = [emu.token, *(emu.config.get("restricted_tokens") or []), *(emu.config.get("volume_grants") or {})]
+        return {f"Bearer {t}" for t in tokens if t}
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "databricks-emulator"
@@ -1968,7 +2247,8 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             emu.stats.bump("http", str(code))
             self.send_response(code)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            if "Content-Length" not in (headers or {}):  # a HEAD answer states the file's length
+                self.send_header("Content-Length", str(len(body)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
@@ -1991,16 +2271,19 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 return True
             return False
 
-        def _apply_faults(self, scope: str, rpc: str | None, statement: str | None) -> bool:
+        def _apply_faults(self, scope: str, rpc: str | None, statement: str | None,
+                          method: str | None = None, path: str | None = None) -> bool:
             """Pre-processing faults. Returns True when the request has been answered/dropped."""
-            f = emu.faults.take(("delay",), scope, rpc, statement)
+            f = emu.faults.take(("delay",), scope, rpc, statement, method, path)
             if f is not None:
                 time.sleep(f.delay)
-            f = emu.faults.take(("unavailable", "throttle", "drop"), scope, rpc, statement)
+            f = emu.faults.take(("unavailable", "throttle", "drop"), scope, rpc, statement, method, path)
             if f is None:
                 return False
             if f.kind == "drop":
                 self._drop()
+            elif scope == "files":
+                self._files_fault(f)
             elif f.kind == "unavailable":
                 hdrs = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
                 hdrs["x-databricks-reason-phrase"] = "Warehouse is starting"
@@ -2013,7 +2296,6 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
         def _oauth_token(self, body: bytes) -> None:
             """Databricks' OAuth machine-to-machine endpoint: client credentials in, the token out."""
             import base64
-            from urllib.parse import parse_qs
 
             emu.stats.bump("rpc", "OAuthToken")
             form = parse_qs(body.decode("utf-8", "replace"))
@@ -2040,8 +2322,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                             headers={"x-databricks-reason-phrase": "Credential was not sent or was of an "
                                      "unsupported type for this API."})
                 return False
-            restricted = {f"Bearer {t}" for t in emu.config.get("restricted_tokens") or []}
-            if auth != f"Bearer {emu.token}" and auth not in restricted:
+            if auth not in accepted_authorizations():
                 self._reply(403, b"Invalid access token.",
                             headers={"x-databricks-reason-phrase": "Invalid access token."})
                 return False
@@ -2056,6 +2337,10 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._admin(path, self._body())
             elif path == "/oidc/v1/token":
                 self._oauth_token(self._body())
+            elif FILES_API_RE.match(path):
+                self._files("POST")
+            elif path in FILES_PRESIGNED_PATHS:
+                self._presigned_disabled()
             elif THRIFT_PATH_RE.match(path):
                 self._thrift()
             else:
@@ -2073,14 +2358,33 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._json(200, {"ok": True})
             elif path.startswith(STAGING_PREFIX):
                 self._staging("GET")
+            elif FILES_API_RE.match(path):
+                self._files("GET")
+            elif path == FILES_ENDPOINTS_PATH:
+                self._files_endpoints()
+            elif path == "/oidc/.well-known/oauth-authorization-server":
+                self._oidc_discovery()
+            elif path == "/.well-known/databricks-config":
+                self._host_metadata()
             else:
                 self._reply(404, b"Not Found")
+
+        def do_HEAD(self) -> None:
+            if self._refusing():
+                return
+            if FILES_API_RE.match(urlparse(self.path).path):
+                self._files("HEAD")
+            else:
+                self._reply(404)
 
         def do_PUT(self) -> None:
             if self._refusing():
                 return
-            if urlparse(self.path).path.startswith(STAGING_PREFIX):
+            path = urlparse(self.path).path
+            if path.startswith(STAGING_PREFIX):
                 self._staging("PUT")
+            elif FILES_API_RE.match(path):
+                self._files("PUT")
             else:
                 self._body()
                 self._reply(404, b"Not Found")
@@ -2088,8 +2392,11 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
         def do_DELETE(self) -> None:
             if self._refusing():
                 return
-            if urlparse(self.path).path.startswith(STAGING_PREFIX):
+            path = urlparse(self.path).path
+            if path.startswith(STAGING_PREFIX):
                 self._staging("DELETE")
+            elif FILES_API_RE.match(path):
+                self._files("DELETE")
             else:
                 self._reply(404, b"Not Found")
 
@@ -2101,6 +2408,10 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             REQUEST.authorization = self.headers.get("Authorization")
             rpc, statement = peek_thrift_call(body)
             emu.stats.bump("rpc", rpc or "unknown")
+            client = self._client()
+            emu.stats.bump_client(client, "rpc")
+            if rpc == "ExecuteStatement":
+                emu.stats.bump_client(client, "statements")
             if self._apply_faults("thrift", rpc, statement):
                 return
             iprot = TBinaryProtocol.TBinaryProtocol(TTransport.TMemoryBuffer(body))
@@ -2112,6 +2423,189 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 self._drop()
                 return
             self._reply(200, out.getvalue(), "application/x-thrift")
+
+
+        # ---- Files API (/api/2.0/fs/files/Volumes/..., /api/2.0/fs/directories/Volumes/...) ----
+        def _client(self) -> str:
+            """Who sent the request, for per-client counters: a label the client chose, else a
+            digest of its token (never the token: stats end up in logs)."""
+            import hashlib
+
+            label = self.headers.get("X-Emulator-Client")
+            if label:
+                return label
+            auth = self.headers.get("Authorization") or ""
+            if not auth:
+                return "anonymous"
+            return "token:" + hashlib.sha256(auth.removeprefix("Bearer ").encode()).hexdigest()[:12]
+
+        def _files_error(self, err: FilesError) -> None:
+            self._json(err.status, err.body())
+
+        def _files(self, method: str) -> None:
+            url = urlparse(self.path)
+            kind, vpath = FILES_API_RE.match(url.path).groups()  # type: ignore[union-attr]
+            vpath = unquote(vpath)
+            tmp = None
+            try:
+                if method == "PUT" and kind == "files":
+                    tmp = self._body_to_file(emu.files.new_temp())
+                else:
+                    self._body()
+                emu.stats.bump("files", method)
+                emu.stats.bump_client(self._client(), f"files {method}")
+                if not self._files_auth(method, vpath):
+                    return
+                if self._apply_faults("files", None, None, method, url.path):
+                    return
+                try:
+                    answer = self._files_dispatch(method, kind, vpath, parse_qs(url.query), tmp)
+                except FilesError as err:
+                    self._files_error(err)
+                    return
+                if method in ("PUT", "DELETE") and emu.faults.take(
+                        ("drop_after_write",), "files", None, None, method, url.path) is not None:
+                    # The write happened; the client never hears about it and must find out.
+                    self._drop()
+                    return
+                self._reply(answer.status, answer.body, answer.ctype, answer.headers)
+            finally:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+
+        def _files_dispatch(self, method: str, kind: str, vpath: str, query: dict[str, list[str]],
+                            tmp: Path | None) -> FilesAnswer:
+            def arg(name: str) -> str | None:
+                return query.get(name, [None])[0]
+
+            if kind == "files":
+                if method == "PUT":
+                    assert tmp is not None
+                    # Databricks: "If true or unspecified, an existing file will be overwritten."
+                    overwrite = (arg("overwrite") or "true").lower() != "false"
+                    return emu.files.put_file(vpath, tmp, overwrite)
+                if method in ("GET", "HEAD"):
+                    return emu.files.get_file(vpath, self.headers, head=method == "HEAD")
+                if method == "DELETE":
+                    return emu.files.delete_file(vpath)
+                return self._files_multipart(vpath, arg("action"))
+            if method == "PUT":
+                return emu.files.create_directory(vpath)
+            if method == "HEAD":
+                return emu.files.directory_metadata(vpath)
+            if method == "GET":
+                return emu.files.list_directory(vpath, arg("page_size"), arg("page_token"))
+            if method == "DELETE":
+                return emu.files.delete_directory(vpath)
+            raise FilesError(405, "BAD_REQUEST", f"{method} is not allowed on directories.")
+
+        def _files_multipart(self, vpath: str, action: str | None) -> FilesAnswer:
+            """Multipart uploads through presigned URLs are not emulated. An SDK that starts one (0.8x
+            to 0.14x do for >= 50 MiB; newer ones only when the endpoints API offers it) gets a
+            session, then a refusal of the part URLs as from a workspace whose presigned URLs are
+            disabled, and falls back to one PUT of the whole file."""
+            emu.files.resolve(vpath, is_file=True)
+            if action == "initiate-upload":
+                body = {"multipart_upload": {"session_token": secrets.token_urlsafe(16)}}
+                return FilesAnswer(200, {}, json.dumps(body).encode())
+            if action == "abort-upload":
+                return FilesAnswer(200, {}, b"{}")
+            raise FilesError(400, "INVALID_PARAMETER_VALUE", f"Unsupported action {action!r}.")
+
+        def _presigned_disabled(self) -> None:
+            """create-upload-part-urls / create-download-url / create-resumable-upload-url."""
+            self._body()
+            emu.stats.bump("http", "fs_presigned_refused")
+            self._json(403, FilesError(403, "PERMISSION_DENIED", "Presigned URLs are not enabled for this "
+                                       "workspace (emulator).", "FILES_API_API_IS_NOT_ENABLED").body())
+
+        def _files_auth(self, method: str, vpath: str | None) -> bool:
+            """Bearer token as on the Thrift side; then the volume grants of least-privilege tokens:
+            reading or listing needs READ VOLUME, writing or deleting WRITE VOLUME (Unity Catalog)."""
+            auth = self.headers.get("Authorization")
+            if emu.token is not None and not auth:
+                self._json(401, {"error_code": "UNAUTHENTICATED", "message": "Credential was not sent or "
+                                 "was of an unsupported type for this API."})
+                return False
+            if emu.token is not None and auth not in accepted_authorizations():
+                self._json(403, {"error_code": "PERMISSION_DENIED", "message": "Invalid access token."})
+                return False
+            grants = (emu.config.get("volume_grants") or {}).get((auth or "").removeprefix("Bearer "))
+            if grants is None or vpath is None:  # vpath None: no volume involved (endpoint discovery)
+                return True
+            held = {g.upper().removesuffix(" VOLUME") for g in grants}
+            needed = "WRITE" if method in FILES_WRITE_METHODS else "READ"
+            if needed in held or "ALL PRIVILEGES" in held:
+                return True
+            volume = ".".join([p for p in vpath.split("/") if p][1:4])
+            self._json(403, {"error_code": "PERMISSION_DENIED",
+                             "message": f"User does not have {needed} VOLUME on Volume '{volume}'."})
+            return False
+
+        def _files_fault(self, f: Fault) -> None:
+            if f.kind == "unavailable":
+                hdrs = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
+                self._json_with(503, {"error_code": "TEMPORARILY_UNAVAILABLE",
+                                      "message": "The service is temporarily unavailable."}, hdrs)
+            else:
+                hdrs = {"Retry-After": str(f.retry_after if f.retry_after is not None else 1)}
+                self._json_with(429, {"error_code": "REQUEST_LIMIT_EXCEEDED",
+                                      "message": "Too many requests. Please retry later."}, hdrs)
+
+        def _json_with(self, code: int, data: Any, headers: dict[str, str]) -> None:
+            self._reply(code, json.dumps(data).encode(), "application/json", headers)
+
+        def _body_to_file(self, tmp: Path) -> Path:
+            """Stream the request body into tmp (Content-Length or chunked), not into memory."""
+            with open(tmp, "wb") as out:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()  # the empty line after the last chunk (no trailers)
+                            break
+                        out.write(self.rfile.read(size))
+                        self.rfile.readline()
+                else:
+                    left = int(self.headers.get("Content-Length") or 0)
+                    while left > 0:
+                        chunk = self.rfile.read(min(left, 1 << 20))
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        left -= len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            return tmp
+
+        def _files_endpoints(self) -> None:
+            """The SDK's endpoint discovery (databricks-sdk >= 0.7x FilesExt): the emulator offers only
+            Files API 2.0 on this host without multipart, so every upload is one PUT; a workspace
+            can answer the same. With files_endpoints "none" it answers 404, as a workspace that
+            does not serve the API yet does, and the SDK falls back to its built-in order."""
+            self._body()
+            emu.stats.bump("http", "fs_endpoints")
+            if not self._files_auth("GET", None):
+                return
+            if emu.config.get("files_endpoints") == "none":
+                self._json(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "No API found for "
+                                 f"'GET {FILES_ENDPOINTS_PATH}'"})
+                return
+            host = self.headers.get("Host") or f"127.0.0.1:{emu.port}"
+            self._json(200, {"endpoints": [{"api": "FILES_API", "api_version": "2.0", "scheme": "http",
+                                            "hostname": host, "multipart_upload_supported": False}]})
+
+        def _host_metadata(self) -> None:
+            """databricks-sdk (>= 0.7x) reads this first; OAuth M2M finds its discovery URL here (without
+            it the SDK has no token endpoint for an http:// host)."""
+            base = f"http://{self.headers.get('Host') or f'127.0.0.1:{emu.port}'}"
+            self._json(200, {"oidc_endpoint": f"{base}/oidc", "workspace_id": EMULATOR_WORKSPACE_ID})
+
+        def _oidc_discovery(self) -> None:
+            """Where the SDK's OAuth M2M (client_id/client_secret) finds the token endpoint."""
+            base = f"http://{self.headers.get('Host') or f'127.0.0.1:{emu.port}'}"
+            self._json(200, {"issuer": f"{base}/oidc", "authorization_endpoint": f"{base}/oidc/v1/authorize",
+                             "token_endpoint": f"{base}/oidc/v1/token"})
 
         # ---- presigned URLs of PUT/GET/REMOVE ----
         def _staging(self, method: str) -> None:
