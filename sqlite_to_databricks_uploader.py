@@ -3661,6 +3661,9 @@ class LandingVolume:
         except (errors.NotFound, errors.ResourceDoesNotExist) as exc:
             raise LandingFileMissing(str(exc)) from None
         except errors.PermissionDenied as exc:
+            if "access token" in str(exc).lower():
+                raise ConfigError(f"Databricks refused the credentials while {doing} ({exc}). Check "
+                                  "DATABRICKS_TOKEN or DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET.") from None
             raise ConfigError(f"Databricks refused {doing} ({mask_secrets(str(exc), self.settings)}): these "
                               f"credentials lack a privilege on the volume {self.catalog}.{self.schema}.{self.volume}. "
                               "Landing nodes need WRITE VOLUME (and READ VOLUME to rebuild a lost state_dir); the "

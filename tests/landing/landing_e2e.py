@@ -22,16 +22,14 @@ class Landing:
     emulator: Any
     schema: str
     tmp: Path
+    catalog: str
 
     @classmethod
     def create(cls, emulator: Any, schema: str, tmp: Path) -> Landing:
         query(emulator, f"CREATE SCHEMA IF NOT EXISTS `{schema}`")
-        query(emulator, f"CREATE VOLUME IF NOT EXISTS `{schema}`.`landing`")
-        return cls(emulator, schema, tmp)
-
-    @property
-    def catalog(self) -> str:
-        return query(self.emulator, "SELECT current_catalog() AS c")[0]["c"]
+        catalog = query(emulator, "SELECT current_catalog() AS c")[0]["c"]
+        query(emulator, f"CREATE VOLUME IF NOT EXISTS `{catalog}`.`{schema}`.`landing`")
+        return cls(emulator, schema, tmp, catalog)
 
     @property
     def volume(self) -> str:

@@ -165,3 +165,62 @@ def test_new_columns_reach_the_table_and_bad_settings_are_refused(landing: Landi
     missing = landing.land(db, tmp_path / "s3", "c3", env={
         **landing.node_env("c3"), "LANDING_VOLUME": f"/Volumes/{landing.catalog}/{landing.schema}/nope"}, expect=2)
     assert "does not exist" in missing.stderr and "CREATE VOLUME" in missing.stderr, missing.stderr[-2000:]
+
+
+def test_a_batch_cut_off_before_its_manifest_is_landed_again_under_its_name(landing: Landing, tmp_path: Path):
+    """The data file is uploaded, the manifest is not (the Files API stops answering): the loader
+    leaves the file alone, and the next node run sends the same rows under the same name."""
+    db = make_sensor_db(tmp_path / "n.db", 250)
+    state = tmp_path / "state"
+    env = landing.node_env("m1", DATABRICKS_RETRY_TIMEOUT="3")
+    landing.emulator.set_faults({"kind": "unavailable", "scope": "files", "method": "PUT", "path": "_manifest",
+                                 "count": 1000})
+    landing.land(db, state, "m1", "--batch-size", "1000", env=env, expect=1)
+    (cut_off,) = landing.landed_files()
+    assert landing.manifests() == []
+    waiting = landing.load()
+    assert "1 file(s) still landing" in waiting.stderr, waiting.stderr[-2000:]
+    assert landing.landed_files() == [cut_off]
+    landing.emulator.clear_faults()
+
+    replayed = landing.land(db, state, "m1", "--batch-size", "1000", env=env)
+    assert "loading it again" in replayed.stderr, replayed.stderr[-2000:]
+    assert landing.landed_files() == [cut_off]  # the same name, not a second file
+    landing.load()
+    assert assert_exactly_once(landing, {"m1": db}) == 250
+
+
+def test_an_attempt_orphaned_by_a_lost_state_dir_is_never_loaded(landing: Landing, tmp_path: Path):
+    db = make_sensor_db(tmp_path / "n.db", 200)
+    landing.land(db, tmp_path / "state", "o1", "--batch-size", "100")
+    add_sensor_rows(db, 50, later(2))
+    env = landing.node_env("o1", DATABRICKS_RETRY_TIMEOUT="3")
+    landing.emulator.set_faults({"kind": "unavailable", "scope": "files", "method": "PUT", "path": "_manifest",
+                                 "count": 1000})
+    landing.land(db, tmp_path / "state", "o1", "--batch-size", "100", env=env, expect=1)
+    landing.emulator.clear_faults()
+    orphan = [f for f in landing.landed_files() if f.name.startswith("batch-000000000003-")]
+    assert len(orphan) == 1
+    # The state directory is lost with the journal naming that attempt: the node resumes after its
+    # newest manifest (batch 2) and lands batch 3 again, under a new name, with more rows now.
+    add_sensor_rows(db, 30, later(3))
+    landing.land(db, tmp_path / "new-state", "o1", "--batch-size", "100")
+    loaded = landing.load()
+    assert f"Removing {orphan[0].parent.name}" in loaded.stderr or orphan[0].name in loaded.stderr, \
+        loaded.stderr[-2000:]
+    assert assert_exactly_once(landing, {"o1": db}) == 280
+    assert landing.landed_files() == []
+
+
+def test_a_loader_stopped_between_its_copy_and_the_removals_loads_nothing_twice(landing: Landing, tmp_path: Path):
+    db = make_sensor_db(tmp_path / "n.db", 300)
+    landing.land(db, tmp_path / "state", "l1", "--batch-size", "100")
+    landing.emulator.set_faults({"kind": "unavailable", "scope": "files", "method": "DELETE", "count": 1000})
+    failed = landing.load(env=landing.loader_env(DATABRICKS_RETRY_TIMEOUT="3"), expect=1)
+    assert "removing" in failed.stderr, failed.stderr[-2000:]
+    assert len(landing.landed_files()) == 3  # loaded, not removed
+    landing.emulator.clear_faults()
+    again = landing.load()
+    assert "300 already loaded by an interrupted run" in again.stderr, again.stderr[-2000:]
+    assert assert_exactly_once(landing, {"l1": db}) == 300
+    assert landing.landed_files() == []
