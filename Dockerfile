@@ -30,7 +30,7 @@ RUN python3 pep723_requirements.py sqlite_to_databricks_uploader.py > requiremen
            "$site"/pyarrow/_flight.*.so "$site"/pyarrow/flight.py \
  && find /opt/venv -name '*.pyi' -delete \
  && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv \
- && /opt/venv/bin/python -c "import databricks.sql, deltalake, pandas, yaml, pyarrow.parquet, pyarrow.dataset, pyarrow.compute" \
+ && /opt/venv/bin/python -c "import databricks.sql, databricks.sdk, deltalake, pandas, yaml, pyarrow.parquet, pyarrow.dataset, pyarrow.compute" \
  && /opt/venv/bin/python sqlite_to_databricks_uploader.py --version
 
 # ---- runtime ----

@@ -16,7 +16,7 @@ import yaml
 from bacalhau_model import MODEL, check_job
 from container_kit import ROOT
 
-SPECS = {"upload-once.yaml": "ops", "upload-daemon.yaml": "daemon"}
+SPECS = {"upload-once.yaml": "ops", "upload-daemon.yaml": "daemon", "land-daemon.yaml": "daemon"}
 BACALHAU_README = (ROOT / "bacalhau" / "README.md").read_text()
 
 

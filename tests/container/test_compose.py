@@ -66,6 +66,31 @@ def test_compose_service_settings():
     assert service["command"] == ["--config", "/config.yaml"]
 
 
+LANDING_COMPOSE_FILE = ROOT / "docker-compose.landing.yml"
+
+
+def test_landing_compose_file_matches_the_specification_and_the_script():
+    """The landing fleet's Compose file: valid, hardened like the main one, a node without a SQL
+    warehouse and a loader with one, each with arguments the script accepts."""
+    import sqlite_to_databricks_uploader as uploader
+
+    document = yaml.safe_load(LANDING_COMPOSE_FILE.read_text())
+    jsonschema.Draft7Validator(SCHEMA).validate(document)
+    assert deprecated_keys(document, SCHEMA) == []
+    node, loader = document["services"]["landing-node"], document["services"]["landing-loader"]
+    for service in (node, loader):
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+        assert service["healthcheck"]["test"][-1] == "--healthcheck"
+        assert service["environment"]["DATABRICKS_TOKEN"].startswith("${")
+    assert node["environment"]["LOAD_MODE"] == "landing"
+    assert "DATABRICKS_HTTP_PATH" not in node["environment"], "a landing node needs no warehouse"
+    assert "DATABRICKS_HTTP_PATH" in loader["environment"]
+    env = {"LANDING_VOLUME": "/Volumes/main/edge/landing", "DATABRICKS_HOST": "example.cloud.databricks.com"}
+    invocation = uploader.load_settings(loader["command"], env)
+    assert invocation.load_landed and not invocation.settings.once
+    assert uploader.load_settings(node["command"][:0], {**env, "LOAD_MODE": "landing"}).settings.load_mode == "landing"
+
+
 @pytest.fixture
 def compose_env(podman: Podman) -> dict[str, str]:
     need("podman-compose")
