@@ -492,13 +492,6 @@ def validate_settings(settings: Settings) -> None:
         parse_volume(settings.staging_volume)
     if settings.landing_volume:
         parse_volume(settings.landing_volume, "landing_volume")
-    if settings.load_mode == "landing":
-        if settings.target == "delta":
-            raise ConfigError("load_mode: landing puts files into a Databricks volume, but target is delta. Set "
-                              "target to databricks (or auto), or load_mode to direct.")
-        if not settings.landing_volume:
-            raise ConfigError("load_mode: landing needs landing_volume (LANDING_VOLUME, --landing-volume): the Unity "
-                              "Catalog volume the loader reads, /Volumes/<catalog>/<schema>/<volume>.")
     try:
         timezone_from_name(settings.source_timezone)
     except ConfigError as exc:
@@ -3766,6 +3759,12 @@ class LandingTarget:
     kind = "landing"
 
     def __init__(self, settings: Settings, table_name: str):
+        if settings.target == "delta":
+            raise ConfigError("load_mode: landing puts files into a Databricks volume, but target is delta. Set "
+                              "target to databricks (or auto), or load_mode to direct.")
+        if not settings.landing_volume:
+            raise ConfigError("load_mode: landing needs landing_volume (LANDING_VOLUME, --landing-volume): the Unity "
+                              "Catalog volume the loader reads, /Volumes/<catalog>/<schema>/<volume>.")
         self.settings = settings
         self.table_name = table_name
         self.node_id = settings.node_id or ""

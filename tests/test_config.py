@@ -115,7 +115,7 @@ def sample_value(option) -> tuple[object, str]:
     """A valid non-default value of the option's kind: (as YAML, as text for env and flag)."""
     if option.key == "source_timezone":
         return "Europe/Berlin", "Europe/Berlin"
-    if option.key == "staging_volume":
+    if option.key in ("staging_volume", "landing_volume"):
         return "/Volumes/main/s/v", "/Volumes/main/s/v"
     if option.kind == "int":
         return 7, "7"
