@@ -101,7 +101,7 @@ def test_kills_of_nodes_and_loader_at_random_moments_while_they_overlap(landing:
 
     processes = {name: node(name) for name in dbs} | {"loader": loader()}
     kills = 0
-    deadline = time.monotonic() + 70
+    deadline = time.monotonic() + 50
     round_ = 0
     while time.monotonic() < deadline:
         time.sleep(rng.uniform(1.5, 5.0))
@@ -120,7 +120,7 @@ def test_kills_of_nodes_and_loader_at_random_moments_while_they_overlap(landing:
         landing.land(db, tmp_path / f"state-{name}", name, "--batch-size", "40")
     landing.load()
     total = assert_exactly_once(landing, dbs)
-    assert kills >= 10 and total >= 800, (kills, total, log.read_text()[-3000:])
+    assert kills >= 8 and total >= 800, (kills, total, log.read_text()[-3000:])
     assert landing.landed_files() == []
 
 
