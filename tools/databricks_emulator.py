@@ -664,7 +664,7 @@ class Storage:
 FILES_API_RE = re.compile(r"^/api/2\.0/fs/(files|directories)(/.*)$")
 FILES_ENDPOINTS_PATH = "/api/2.0/fs/endpoints"
 FILES_PRESIGNED_PATHS = ("/api/2.0/fs/create-upload-part-urls", "/api/2.0/fs/create-download-url",
-                         "/api/2.0/fs/create-resumable-upload-url")
+                         "/api/2.0/fs/create-resumable-upload-url", "/api/2.0/fs/create-abort-upload-url")
 FILES_LIST_MAX_PAGE = 1000  # Databricks coerces larger page_size values to 1000
 EMULATOR_WORKSPACE_ID = "1000000000000001"  # what /.well-known/databricks-config names this "workspace"
 SINGLE_SHOT_MAX_BYTES = 5 * 1024**3  # one PUT of the Files API takes at most 5 GiB
@@ -2513,7 +2513,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             raise FilesError(400, "INVALID_PARAMETER_VALUE", f"Unsupported action {action!r}.")
 
         def _presigned_disabled(self) -> None:
-            """create-upload-part-urls / create-download-url / create-resumable-upload-url."""
+            """create-upload-part-urls / -download-url / -resumable-upload-url / -abort-upload-url."""
             self._body()
             emu.stats.bump("http", "fs_presigned_refused")
             self._json(403, FilesError(403, "PERMISSION_DENIED", "Presigned URLs are not enabled for this "
