@@ -665,6 +665,7 @@ FILES_API_RE = re.compile(r"^/api/2\.0/fs/(files|directories)(/.*)$")
 FILES_ENDPOINTS_PATH = "/api/2.0/fs/endpoints"
 FILES_PRESIGNED_PATHS = ("/api/2.0/fs/create-upload-part-urls", "/api/2.0/fs/create-download-url",
                          "/api/2.0/fs/create-resumable-upload-url", "/api/2.0/fs/create-abort-upload-url")
+CLIENT_UA_RE = re.compile(r"\bemulator-client/([A-Za-z0-9._-]+)")  # a client's own label for the stats
 FILES_LIST_MAX_PAGE = 1000  # Databricks coerces larger page_size values to 1000
 EMULATOR_WORKSPACE_ID = "1000000000000001"  # what /.well-known/databricks-config names this "workspace"
 SINGLE_SHOT_MAX_BYTES = 5 * 1024**3  # one PUT of the Files API takes at most 5 GiB
@@ -2434,6 +2435,11 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             label = self.headers.get("X-Emulator-Client")
             if label:
                 return label
+            # Neither the SDK nor the connector sends custom headers, but both add to User-Agent:
+            # Config().with_user_agent_extra("emulator-client", "node-a") / user_agent_entry=...
+            m = CLIENT_UA_RE.search(self.headers.get("User-Agent") or "")
+            if m:
+                return m.group(1)
             auth = self.headers.get("Authorization") or ""
             if not auth:
                 return "anonymous"

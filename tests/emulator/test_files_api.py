@@ -182,6 +182,18 @@ def test_write_only_grant(emulator: Emulator, volume: str) -> None:
     assert status == 403 and body["error_code"] == "PERMISSION_DENIED" and "READ VOLUME" in body["message"]
 
 
+def test_stats_per_client_label(emulator: Emulator, volume: str) -> None:
+    """A benchmark names its clients in User-Agent: landing nodes (SDK) and the loader (connector)."""
+    cfg = Config(host=emulator.url, token=emulator.token, retry_timeout_seconds=30)
+    node = sdk.WorkspaceClient(config=cfg.with_user_agent_extra("emulator-client", "node-7")).files
+    node.upload(f"{volume}/n7.bin", io.BytesIO(b"7"))
+    with emulator.connect(user_agent_entry="emulator-client/loader") as conn, conn.cursor() as c:
+        c.execute("SELECT 1")
+    clients = emulator.stats()["clients"]
+    assert clients["node-7"]["statements"] == 0 and clients["node-7"]["files"] == {"PUT": 1}
+    assert clients["loader"]["statements"] == 1 and clients["loader"]["files_total"] == 0
+
+
 # ---- faults, and what the SDK does about them ----
 def test_503_and_429_are_retried(emulator: Emulator, files: Any, volume: str) -> None:
     emulator.set_faults({"kind": "unavailable", "count": 2, "scope": "files", "method": "PUT"},
