@@ -15,19 +15,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import databricks.sdk as sdk  # tests/requirements.txt: a missing SDK must fail, not skip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from databricks.sdk.core import Config
+from databricks.sdk.errors import AlreadyExists, BadRequest, NotFound, PermissionDenied
 from emulator_harness import Emulator
-
-sdk = pytest.importorskip("databricks.sdk")
-from databricks.sdk.core import Config  # noqa: E402
-from databricks.sdk.errors import (  # noqa: E402
-    AlreadyExists,
-    BadRequest,
-    NotFound,
-    PermissionDenied,
-)
 
 NODE_TOKEN = "landing-node-token-write-only"  # not a secret: a token the admin API grants WRITE VOLUME
 
