@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +87,23 @@ def test_overwrite_false_conflicts_and_overwrite_replaces(files: Any, volume: st
     assert files.download(path).contents.read() == b"two"
     files.upload(path, io.BytesIO(b"three"))  # unspecified: overwrite, as Databricks documents
     assert files.download(path).contents.read() == b"three"
+
+
+def test_upload_is_atomic(emulator: Emulator, files: Any, volume: str) -> None:
+    """While an upload is in flight (its body received, held by a delay), readers see no file, no
+    partial file and no temp file; then the whole file at once."""
+    emulator.set_faults({"kind": "delay", "delay": 2, "scope": "files", "method": "PUT"})
+    payload = b"p" * (8 << 20)
+    uploader = threading.Thread(target=files.upload, args=(f"{volume}/atomic/f.bin", io.BytesIO(payload)))
+    uploader.start()
+    time.sleep(1)
+    with pytest.raises(NotFound):
+        files.get_metadata(f"{volume}/atomic/f.bin")
+    with pytest.raises(NotFound):  # not even the parent directory yet
+        list(files.list_directory_contents(f"{volume}/atomic"))
+    assert list(files.list_directory_contents(volume)) == []
+    uploader.join(30)
+    assert files.get_metadata(f"{volume}/atomic/f.bin").content_length == len(payload)
 
 
 def test_list_directory_pages(emulator: Emulator, files: Any, volume: str) -> None:
