@@ -711,6 +711,8 @@ class FilesApi:
         self.config = config
         self.tmp_dir = storage.root / "_upload_tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.glob("*.upload"):  # uploads cut short by a crash or kill
+            leftover.unlink(missing_ok=True)
 
     # ---- paths ----
     def resolve(self, vpath: str, is_file: bool) -> tuple[Path, Path]:
