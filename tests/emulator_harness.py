@@ -188,7 +188,9 @@ class Emulator:
     def set_faults(self, *faults: dict[str, Any], clear: bool = False) -> Any:
         """Add faults, e.g. set_faults({"kind": "unavailable", "count": 2}). Kinds: unavailable (503),
         throttle (429 + Retry-After), drop (close before running), drop_after_execute, delay,
-        refuse (connections refused for `seconds`). See tools/README.md."""
+        refuse (connections refused for `seconds`), drop_after_write (Files API: the upload or
+        delete is applied, the answer lost); scope "files" with "method"/"path" targets the
+        Files API. See tools/README.md."""
         return self._admin("POST", "/admin/faults", {"faults": list(faults), "clear": clear})
 
     def clear_faults(self) -> Any:

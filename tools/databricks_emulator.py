@@ -664,7 +664,8 @@ class Storage:
 FILES_API_RE = re.compile(r"^/api/2\.0/fs/(files|directories)(/.*)$")
 FILES_ENDPOINTS_PATH = "/api/2.0/fs/endpoints"
 FILES_PRESIGNED_PATHS = ("/api/2.0/fs/create-upload-part-urls", "/api/2.0/fs/create-download-url",
-                         "/api/2.0/fs/create-resumable-upload-url")
+                         "/api/2.0/fs/create-resumable-upload-url", "/api/2.0/fs/create-abort-upload-url")
+CLIENT_UA_RE = re.compile(r"\bemulator-client/([A-Za-z0-9._-]+)")  # a client's own label for the stats
 FILES_LIST_MAX_PAGE = 1000  # Databricks coerces larger page_size values to 1000
 EMULATOR_WORKSPACE_ID = "1000000000000001"  # what /.well-known/databricks-config names this "workspace"
 SINGLE_SHOT_MAX_BYTES = 5 * 1024**3  # one PUT of the Files API takes at most 5 GiB
@@ -710,6 +711,8 @@ class FilesApi:
         self.config = config
         self.tmp_dir = storage.root / "_upload_tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.glob("*.upload"):  # uploads cut short by a crash or kill
+            leftover.unlink(missing_ok=True)
 
     # ---- paths ----
     def resolve(self, vpath: str, is_file: bool) -> tuple[Path, Path]:
@@ -2434,6 +2437,11 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             label = self.headers.get("X-Emulator-Client")
             if label:
                 return label
+            # Neither the SDK nor the connector sends custom headers, but both add to User-Agent:
+            # Config().with_user_agent_extra("emulator-client", "node-a") / user_agent_entry=...
+            m = CLIENT_UA_RE.search(self.headers.get("User-Agent") or "")
+            if m:
+                return m.group(1)
             auth = self.headers.get("Authorization") or ""
             if not auth:
                 return "anonymous"
@@ -2513,7 +2521,7 @@ def make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             raise FilesError(400, "INVALID_PARAMETER_VALUE", f"Unsupported action {action!r}.")
 
         def _presigned_disabled(self) -> None:
-            """create-upload-part-urls / create-download-url / create-resumable-upload-url."""
+            """create-upload-part-urls / -download-url / -resumable-upload-url / -abort-upload-url."""
             self._body()
             emu.stats.bump("http", "fs_presigned_refused")
             self._json(403, FilesError(403, "PERMISSION_DENIED", "Presigned URLs are not enabled for this "

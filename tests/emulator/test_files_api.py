@@ -10,24 +10,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+import databricks.sdk as sdk  # tests/requirements.txt: a missing SDK must fail, not skip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from databricks.sdk.core import Config
+from databricks.sdk.errors import AlreadyExists, BadRequest, NotFound, PermissionDenied
 from emulator_harness import Emulator
-
-sdk = pytest.importorskip("databricks.sdk")
-from databricks.sdk.core import Config  # noqa: E402
-from databricks.sdk.errors import (  # noqa: E402
-    AlreadyExists,
-    BadRequest,
-    NotFound,
-    PermissionDenied,
-)
 
 NODE_TOKEN = "landing-node-token-write-only"  # not a secret: a token the admin API grants WRITE VOLUME
 
@@ -92,6 +87,23 @@ def test_overwrite_false_conflicts_and_overwrite_replaces(files: Any, volume: st
     assert files.download(path).contents.read() == b"two"
     files.upload(path, io.BytesIO(b"three"))  # unspecified: overwrite, as Databricks documents
     assert files.download(path).contents.read() == b"three"
+
+
+def test_upload_is_atomic(emulator: Emulator, files: Any, volume: str) -> None:
+    """While an upload is in flight (its body received, held by a delay), readers see no file, no
+    partial file and no temp file; then the whole file at once."""
+    emulator.set_faults({"kind": "delay", "delay": 2, "scope": "files", "method": "PUT"})
+    payload = b"p" * (8 << 20)
+    uploader = threading.Thread(target=files.upload, args=(f"{volume}/atomic/f.bin", io.BytesIO(payload)))
+    uploader.start()
+    time.sleep(1)
+    with pytest.raises(NotFound):
+        files.get_metadata(f"{volume}/atomic/f.bin")
+    with pytest.raises(NotFound):  # not even the parent directory yet
+        list(files.list_directory_contents(f"{volume}/atomic"))
+    assert list(files.list_directory_contents(volume)) == []
+    uploader.join(30)
+    assert files.get_metadata(f"{volume}/atomic/f.bin").content_length == len(payload)
 
 
 def test_list_directory_pages(emulator: Emulator, files: Any, volume: str) -> None:
@@ -182,6 +194,18 @@ def test_write_only_grant(emulator: Emulator, volume: str) -> None:
     assert status == 403 and body["error_code"] == "PERMISSION_DENIED" and "READ VOLUME" in body["message"]
 
 
+def test_stats_per_client_label(emulator: Emulator, volume: str) -> None:
+    """A benchmark names its clients in User-Agent: landing nodes (SDK) and the loader (connector)."""
+    cfg = Config(host=emulator.url, token=emulator.token, retry_timeout_seconds=30)
+    node = sdk.WorkspaceClient(config=cfg.with_user_agent_extra("emulator-client", "node-7")).files
+    node.upload(f"{volume}/n7.bin", io.BytesIO(b"7"))
+    with emulator.connect(user_agent_entry="emulator-client/loader") as conn, conn.cursor() as c:
+        c.execute("SELECT 1")
+    clients = emulator.stats()["clients"]
+    assert clients["node-7"]["statements"] == 0 and clients["node-7"]["files"] == {"PUT": 1}
+    assert clients["loader"]["statements"] == 1 and clients["loader"]["files_total"] == 0
+
+
 # ---- faults, and what the SDK does about them ----
 def test_503_and_429_are_retried(emulator: Emulator, files: Any, volume: str) -> None:
     emulator.set_faults({"kind": "unavailable", "count": 2, "scope": "files", "method": "PUT"},
@@ -258,7 +282,9 @@ def test_without_endpoints_api_large_uploads_fall_back_to_one_put(emulator: Emul
     files.upload(f"{volume}/big.bin", io.BytesIO(big), overwrite=True)
     assert files.get_metadata(f"{volume}/big.bin").content_length == len(big)
     stats = emulator.stats()
-    assert stats["files"]["PUT"] == 1 and stats["http"]["fs_endpoints"] >= 1
+    # One session started (POST initiate-upload), its part URLs refused, then the one PUT.
+    assert stats["files"]["PUT"] == 1 and stats["files"]["POST"] >= 1
+    assert stats["http"]["fs_presigned_refused"] >= 1
 
 
 # ---- landing: files from the SDK, loaded once by COPY INTO through the connector ----
