@@ -8,8 +8,9 @@
 #     "pyarrow>=18",
 #     "pandas>=2.2",
 #     "pyyaml>=6",
-#     # The landing path: the Files API client (one PUT per file).
-#     "databricks-sdk>=0.50,<1",
+#     # The landing path: the Files API client. 0.80: earlier versions do not re-send an upload
+#     # whose answer was lost.
+#     "databricks-sdk>=0.80,<1",
 # ]
 # ///
 """Ship new rows from a SQLite table into a Delta / Databricks table, exactly once.

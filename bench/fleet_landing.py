@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["databricks-sql-connector[pyarrow]>=4.4.0", "databricks-sdk>=0.50", "pyarrow>=18",
+# dependencies = ["databricks-sql-connector[pyarrow]>=4.4.0", "databricks-sdk>=0.80", "pyarrow>=18",
 #                 "deltalake>=1.2", "pandas>=2.2", "pyyaml>=6"]
 # ///
 """A fleet on one machine: many edge nodes land into one warehouse emulator while the loader runs,
@@ -255,7 +255,11 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         ratio = direct["per_million"] / max(landing["per_million"], 1e-9)
         goals.append(f"direct COPY needs {ratio:,.0f}x the loader's statements per 1M rows (goal >= 10x)")
     print("\n".join(goals))
-    print(json.dumps(results))
+    out = ROOT / "bench" / "results" / "fleet_landing.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args) | {"workdir": str(args.workdir)}, "results": results},
+                              indent=2) + "\n")
+    print(f"figures saved in {out}")
     if landing["node_statements"] or (direct and direct["per_million"] < 10 * landing["per_million"]):
         raise SystemExit("a goal was missed")
 
