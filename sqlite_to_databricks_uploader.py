@@ -2551,12 +2551,16 @@ class ServicePrincipalAuth:
 
 def connector_version() -> str:
     """'databricks-sql-connector X.Y.Z', for DEBUG logs and bug reports."""
+    return package_version("databricks-sql-connector")
+
+
+def package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return f"databricks-sql-connector {version('databricks-sql-connector')}"
+        return f"{name} {version(name)}"
     except PackageNotFoundError:
-        return "databricks-sql-connector (version unknown)"
+        return f"{name} (version unknown)"
 
 
 class DatabricksSession:
@@ -3647,6 +3651,7 @@ class LandingVolume:
             config = Config(host=self.endpoint.base_url(), retry_timeout_seconds=int(settings.databricks_retry_timeout),
                             disable_experimental_files_api_client=True, **auth)
             self._files = WorkspaceClient(config=config).files
+            LOG.debug("Files API at %s with %s", self.endpoint.host, package_version("databricks-sdk"))
         return self._files
 
     def _call(self, doing: str, work: Callable[[], Any]) -> Any:

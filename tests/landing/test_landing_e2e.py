@@ -8,12 +8,15 @@ table exactly once, and nothing else is.
 from __future__ import annotations
 
 import random
+import re
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from dbx_e2e import add_sensor_rows, make_sensor_db, stat_delta
+from dbx_e2e import SCRIPT, add_sensor_rows, make_sensor_db, stat_delta
 from landing_e2e import TABLE, Landing, assert_exactly_once, manifest_of
 
 
@@ -224,3 +227,25 @@ def test_a_loader_stopped_between_its_copy_and_the_removals_loads_nothing_twice(
     assert "300 already loaded by an interrupted run" in again.stderr, again.stderr[-2000:]
     assert assert_exactly_once(landing, {"l1": db}) == 300
     assert landing.landed_files() == []
+
+
+def declared_sdk_floor() -> str:
+    header = SCRIPT.read_text().split("# ///", 2)[1]
+    match = re.search(r'"databricks-sdk>=([0-9.]+)', header)
+    assert match, "no 'databricks-sdk>=' bound in the PEP 723 header"
+    return match.group(1)
+
+
+def test_the_sdk_floor_lands_through_a_lost_answer(landing: Landing, tmp_path: Path):
+    """The oldest databricks-sdk the header allows re-sends an upload whose answer was lost."""
+    db = make_sensor_db(tmp_path / "n.db", 150)
+    landing.emulator.set_faults({"kind": "drop_after_write", "scope": "files", "method": "PUT", "count": 2})
+    command = [sys.executable, "-m", "uv", "run", "-q", "--with", f"databricks-sdk=={declared_sdk_floor()}",
+               "-s", str(SCRIPT), *landing.node_args(db, tmp_path / "state", "--once", "--batch-size", "50",
+                                                     "--log-level", "DEBUG")]
+    proc = subprocess.run(command, env=landing.node_env("f1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"databricks-sdk {declared_sdk_floor()}" in proc.stderr, proc.stderr[-3000:]
+    assert landing.emulator.stats()["faults_fired"].get("drop_after_write", 0) >= 2
+    landing.load()
+    assert assert_exactly_once(landing, {"f1": db}) == 150
