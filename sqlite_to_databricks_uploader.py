@@ -4907,12 +4907,7 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
                 raise
             except (UploaderError, sqlite3.Error, OSError) as exc:
                 failures += 1
-                heartbeat.failed()
-                if settings.once:
-                    raise UploaderError(f"Upload failed: {exc}") from exc
-                delay = backoff_delay(failures, settings.interval)
-                LOG.error("Cycle failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
-                pause(stop, delay, heartbeat, "backing off")
+                back_off(exc, failures, settings, heartbeat, stop, "Upload", "Cycle")
                 continue
             failures = 0
             heartbeat.succeeded()
@@ -4933,6 +4928,17 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
     finally:
         target.close()
     return EXIT_OK
+
+
+def back_off(exc: BaseException, failures: int, settings: Settings, heartbeat: Heartbeat, stop: threading.Event,
+             once_what: str, loop_what: str) -> None:
+    """A failed cycle: a --once run stops with the error; loop mode waits (longer each time) and goes on."""
+    heartbeat.failed()
+    if settings.once:
+        raise UploaderError(f"{once_what} failed: {exc}") from exc
+    delay = backoff_delay(failures, settings.interval)
+    LOG.error("%s failed (%s); retrying in %.0f s (attempt %d).", loop_what, exc, delay, failures)
+    pause(stop, delay, heartbeat, "backing off")
 
 
 def pause(stop: threading.Event, seconds: float, heartbeat: Heartbeat, phase: str) -> None:
@@ -4962,12 +4968,7 @@ def run_loader(settings: Settings, stop: threading.Event) -> int:
                 raise
             except (UploaderError, OSError) as exc:
                 failures += 1
-                heartbeat.failed()
-                if settings.once:
-                    raise UploaderError(f"Loading failed: {exc}") from exc
-                delay = backoff_delay(failures, settings.interval)
-                LOG.error("Loading failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
-                pause(stop, delay, heartbeat, "backing off")
+                back_off(exc, failures, settings, heartbeat, stop, "Loading", "Loading")
                 continue
             failures = 0
             heartbeat.succeeded()
