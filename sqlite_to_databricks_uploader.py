@@ -687,7 +687,20 @@ def looks_like_timestamps(values: list, tz: Any = timezone.utc) -> bool:
 
 
 def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns: Sequence[Column]) -> str:
-    """Pick the time column: declared type first, then well-known names, then the stored values."""
+    """Pick the time column: declared type first, then well-known names, then the stored values.
+
+    Columns that hold rows but no readable time are left out (Home Assistant keeps its legacy
+    DATETIME columns, NULL since a schema upgrade, beside the *_ts columns it fills).
+    """
+    empty = connection.execute(f"SELECT 1 FROM {quote_ident(table)} LIMIT 1").fetchone() is None
+    unused = set() if empty else {c.name for c in columns if not any(
+        timestamp_to_micros(v) is not None for v in sample_values(connection, table, c.name))}
+    declared_unused = sorted(unused & {c.name for c in columns if TIMESTAMP_DECLARED.search(c.declared_type)})
+    if declared_unused:
+        LOG.info("Date/time column(s) without a readable value are not considered for the timestamp: %s.",
+                 ", ".join(declared_unused))
+    every_name = ", ".join(c.name for c in columns)
+    columns = [c for c in columns if c.name not in unused]
     by_type = [c.name for c in columns if TIMESTAMP_DECLARED.search(c.declared_type)]
     if len(by_type) == 1:
         LOG.info("Timestamp column %r picked: its declared type is %s.", by_type[0],
@@ -703,11 +716,18 @@ def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns:
     if len(by_values) == 1:
         LOG.info("Timestamp column %r picked: its stored values read as datetimes.", by_values[0])
         return by_values[0]
+    always_set = [c for c in by_values if connection.execute(
+        f"SELECT count(*) FROM (SELECT {quote_ident(c)} AS v FROM {quote_ident(table)} LIMIT 1000) "
+        "WHERE v IS NULL").fetchone()[0] == 0]
+    if len(always_set) == 1:  # Home Assistant's last_updated_ts beside last_changed_ts (NULL when equal)
+        LOG.info("Timestamp column %r picked: its stored values read as datetimes, and it is the only such "
+                 "column never NULL (%s).", always_set[0], ", ".join(by_values))
+        return always_set[0]
     if len(by_values) > 1 or len(by_type) > 1:
         candidates = by_values if len(by_values) > 1 else by_type
         raise ConfigError(f"Several columns of {table!r} could be the timestamp ({', '.join(candidates)}); "
                           "set timestamp_col (TIMESTAMP_COL, --timestamp-col).")
-    raise ConfigError(f"No timestamp column found in {table!r} (columns: {', '.join(c.name for c in columns)}). "
+    raise ConfigError(f"No timestamp column found in {table!r} (columns: {every_name}). "
                       "Set timestamp_col, or use cursor: rowid for tables without one.")
 
 
@@ -768,6 +788,11 @@ MIN_JULIAN, MAX_JULIAN = 1721425.5, 5373484.5  # Julian days of 0001-01-01 and 1
 _ISO_FIX = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
                       re.IGNORECASE)
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
+# Go's time.Time.String(), which Telegraf's SQL output writes: '2024-01-15 14:30:00.123456789 +0100 CET',
+# sometimes with the monotonic clock reading ' m=+0.000012'. The numeric offset is the instant's;
+# the zone name only repeats it.
+_GO_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?) ([+-]\d{4})"
+                      r"(?: [A-Za-z0-9_/+-]+)?(?: m=[+-]\d+(?:\.\d+)?)?$")
 
 
 def integer_epoch_to_micros(value: int) -> int:
@@ -808,6 +833,9 @@ def text_to_micros(text: str, naive_tz: Any) -> int | None:
         return None
     if _NUMBER.match(stripped):
         return real_to_micros(float(stripped)) if "." in stripped else integer_epoch_to_micros(int(stripped))
+    go_time = _GO_TIME.match(stripped)
+    if go_time:
+        stripped = go_time[1] + go_time[2]
     try:
         moment = datetime.fromisoformat(stripped)
     except ValueError:
@@ -1574,8 +1602,26 @@ def plan_column_types(table: SourceTable, connection: sqlite3.Connection) -> dic
         arrow_type = arrow_type_for_declared(column.declared_type, column.name == table.timestamp_col)
         if arrow_type is None:
             arrow_type = arrow_type_from_values(sample_values(connection, table.name, column.name, 1000))
+        elif numeric_holds_big_integers(column.declared_type, connection, table.name, column.name):
+            import pyarrow as pa
+
+            arrow_type = pa.int64()  # exact
         types[column.name] = arrow_type
     return types
+
+
+def numeric_holds_big_integers(declared: str, connection: sqlite3.Connection, table: str, column: str) -> bool:
+    """A NUMERIC / DECIMAL column (a double, usually) that holds only integers, some beyond 2**53 (ids,
+    nanosecond times): int64 keeps them exact, where a double would round them. A later value that
+    fits neither is NULL, counted, and kept as text (ORIGINAL_SUFFIX)."""
+    upper = declared.upper()
+    if not ("NUM" in upper or "DEC" in upper) or any(w in upper for w in ("REAL", "FLOA", "DOUB", "INT")):
+        return False
+    kinds, biggest = connection.execute(
+        f"SELECT group_concat(DISTINCT typeof({quote_ident(column)})), max(abs({quote_ident(column)})) FROM "
+        f"(SELECT {quote_ident(column)} FROM {quote_ident(table)} WHERE {quote_ident(column)} IS NOT NULL "
+        "LIMIT 100000)").fetchone()
+    return kinds == "integer" and biggest is not None and biggest > 2**53
 
 
 @dataclass
@@ -1584,6 +1630,40 @@ class ConversionReport:
 
     nulled: dict[str, int] = field(default_factory=dict)
     invalid_timestamps: int = 0
+    # The stored values behind those NULLs, as text, per column of the chunk being converted
+    # (kept: see ORIGINAL_SUFFIX); `chunks` collects them chunk by chunk.
+    kept: dict[str, Any] = field(default_factory=dict)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+
+    def misfits(self, name: str, values: list, converted: Sequence) -> None:
+        """Count the values that became NULL and keep their stored text."""
+        import pyarrow as pa
+
+        texts = [None if v is None or c is not None else original_text(v) for v, c in zip(values, converted)]
+        bad = len(texts) - texts.count(None)
+        if bad:
+            self.nulled[name] = self.nulled.get(name, 0) + bad
+            self.kept[name] = pa.array(texts, pa.string())
+
+    def end_chunk(self) -> None:
+        self.chunks.append(self.kept)
+        self.kept = {}
+
+
+# A value the uploader cannot hold in its column's type (an unreadable timestamp, 'abc' in an
+# INTEGER column, an integer a double cannot hold) is loaded as NULL, and its stored value is kept
+# as text in the column <name>__original, added to the target the first time it is needed.
+ORIGINAL_SUFFIX = "__original"
+
+
+def original_text(value: Any) -> str:
+    """A stored value as text, exactly: BLOBs that are not UTF-8 as SQLite's X'..' literal."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "X'" + value.hex().upper() + "'"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
@@ -1593,9 +1673,7 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
 
     if pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type):
         micros = timestamps_to_micros(values, naive_tz)
-        bad = sum(1 for v, m in zip(values, micros) if m is None and v is not None)
-        if bad:
-            report.nulled[name] = report.nulled.get(name, 0) + bad
+        report.misfits(name, values, micros)
         if pa.types.is_date32(arrow_type):
             return pa.array([None if m is None else m // 86_400_000_000 for m in micros], pa.date32())
         return pa.array(micros, pa.timestamp("us", tz=arrow_type.tz))
@@ -1607,16 +1685,13 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
         pass
     coerce = COERCIONS.get(str(arrow_type), lambda v: v)
     fixed = []
-    bad = 0
     for value in values:
         try:
             converted = None if value is None else coerce(value)
         except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
             converted = None
-        bad += converted is None and value is not None
         fixed.append(converted)
-    if bad:
-        report.nulled[name] = report.nulled.get(name, 0) + bad
+    report.misfits(name, values, fixed)
     return pa.array(fixed, type=arrow_type)
 
 
@@ -1634,7 +1709,6 @@ def to_decimal_column(values: list, arrow_type: Any, name: str, report: Conversi
     limit = decimal.Decimal(10) ** whole
     context = decimal.Context(prec=arrow_type.precision + 2, rounding=decimal.ROUND_HALF_UP)
     fixed: list[decimal.Decimal | None] = []
-    bad = 0
     for value in values:
         if value is None:
             fixed.append(None)
@@ -1644,7 +1718,6 @@ def to_decimal_column(values: list, arrow_type: Any, name: str, report: Conversi
             if not number.is_finite():
                 raise ValueError(value)
         except (ValueError, ArithmeticError, UnicodeDecodeError):
-            bad += 1
             fixed.append(None)
             continue
         too_big = bool(number) and number.adjusted() >= whole
@@ -1658,8 +1731,7 @@ def to_decimal_column(values: list, arrow_type: Any, name: str, report: Conversi
                 "Nothing of this batch was loaded. Widen the column in Databricks (or load into another table), "
                 "then run again.")
         fixed.append(number)
-    if bad:
-        report.nulled[name] = report.nulled.get(name, 0) + bad
+    report.misfits(name, values, fixed)
     return pa.array(fixed, type=arrow_type)
 
 
@@ -1720,7 +1792,10 @@ def _to_int(value: Any) -> int:
 def _to_float(value: Any) -> float:
     if isinstance(value, bytes):
         raise ValueError("bytes")
-    return float(value)
+    number = float(value)
+    if isinstance(value, int) and int(number) != value:  # beyond 2**53: a double would change it
+        raise OverflowError("not exact as a double")
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -4760,6 +4835,7 @@ class Uploader:
         def convert(columns: Sequence[tuple]) -> Any:
             arrays = [to_arrow_column(values, kind, naive_tz, name, report)
                       for values, kind, name in zip(columns, types, names)]
+            report.end_chunk()
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         if mark.order != "insertion":
@@ -4788,13 +4864,19 @@ class Uploader:
         if raw.count == 0:
             return None, None, None
         rows = pa.Table.from_batches(raw.chunks)
+        if not self.transforms.aggregates:
+            rows = self._with_originals(rows, raw, report)
         first_ts = last_ts = None
         ts_col = self.source.timestamp_col
         if ts_col:
             column = rows.column(ts_col)
             invalid = column.null_count
             report.invalid_timestamps = invalid
-            report.nulled.pop(ts_col, None)
+            if self.settings.invalid_timestamps == "skip":  # counted with the NULLs; their text is left out
+                report.nulled.pop(ts_col, None)
+                if rows.num_rows and ts_col + ORIGINAL_SUFFIX in rows.column_names:
+                    rows = rows.set_column(rows.column_names.index(ts_col + ORIGINAL_SUFFIX),
+                                           ts_col + ORIGINAL_SUFFIX, pa.nulls(rows.num_rows, pa.string()))
             if invalid and self.settings.invalid_timestamps == "skip":
                 rows = rows.filter(pc.is_valid(column))
             if rows.num_rows:
@@ -4804,6 +4886,30 @@ class Uploader:
         if self.transforms.aggregates and rows.num_rows:
             self.schema = self.target.prepare(rows.schema)
         return rows, first_ts, last_ts
+
+    def _with_originals(self, rows: Any, raw: RawBatch, report: ConversionReport) -> Any:
+        """Add <column>__original (text) for the columns whose values this batch could not hold, and
+        for those that already have one in the target (every batch carries the target's columns)."""
+        import pyarrow as pa
+
+        chunks = report.chunks[len(report.chunks) - len(raw.chunks):]  # a read retried: its last chunks
+        known = {n.lower() for n in self.schema.names} if self.schema is not None else set()
+        wanted = [name for name in self.source.column_names
+                  if any(name in kept for kept in chunks) or (name + ORIGINAL_SUFFIX).lower() in known]
+        taken = {n.lower() for n in self.source.column_names}
+        for name in wanted:
+            column = name + ORIGINAL_SUFFIX
+            if column.lower() in taken:
+                continue  # the source has a column of that name: it is uploaded as it is
+            pieces = [kept.get(name, pa.nulls(chunk.num_rows, pa.string()))
+                      for kept, chunk in zip(chunks, raw.chunks)]
+            rows = rows.append_column(pa.field(column, pa.string()), pa.chunked_array(pieces, pa.string()))
+        if self.schema is not None and not {n.lower() for n in rows.column_names} <= known:
+            self.schema = self.target.prepare(rows.schema)
+        if self.schema is not None:  # in the target's order: a Databricks batch is matched by position
+            place = {n.lower(): i for i, n in enumerate(self.schema.names)}
+            rows = rows.select(sorted(rows.column_names, key=lambda n: place.get(n.lower(), len(place))))
+        return rows
 
     def _target_type(self, name: str) -> Any:
         if self.schema is not None and not self.transforms.aggregates:
@@ -4834,7 +4940,8 @@ def log_cycle(stats: CycleStats, mark: Watermark) -> None:
                     "skipped (invalid_timestamps: skip)" if stats.skipped_invalid else
                     "uploaded with a NULL timestamp (invalid_timestamps: upload)")
     for name, count in stats.nulled.items():
-        LOG.warning("%d value(s) of column %r did not fit its type and were uploaded as NULL.", count, name)
+        LOG.warning("%d value(s) of column %r did not fit its type and were uploaded as NULL; the stored "
+                    "values are kept as text in column %r.", count, name, name + ORIGINAL_SUFFIX)
 
 
 def backoff_delay(failures: int, interval: float) -> float:
