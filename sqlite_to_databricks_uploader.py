@@ -1617,11 +1617,11 @@ def numeric_holds_big_integers(declared: str, connection: sqlite3.Connection, ta
     upper = declared.upper()
     if not ("NUM" in upper or "DEC" in upper) or any(w in upper for w in ("REAL", "FLOA", "DOUB", "INT")):
         return False
-    kinds, biggest = connection.execute(
-        f"SELECT group_concat(DISTINCT typeof({quote_ident(column)})), max(abs({quote_ident(column)})) FROM "
-        f"(SELECT {quote_ident(column)} FROM {quote_ident(table)} WHERE {quote_ident(column)} IS NOT NULL "
+    kinds, big = connection.execute(
+        f"SELECT group_concat(DISTINCT typeof(v)), max(v > {2**53} OR v < {-2**53}) FROM "
+        f"(SELECT {quote_ident(column)} AS v FROM {quote_ident(table)} WHERE {quote_ident(column)} IS NOT NULL "
         "LIMIT 100000)").fetchone()
-    return kinds == "integer" and biggest is not None and biggest > 2**53
+    return kinds == "integer" and bool(big)
 
 
 @dataclass

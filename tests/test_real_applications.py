@@ -1,0 +1,212 @@
+"""Databases as real edge applications write them (issue 14): Home Assistant's recorder, Telegraf's
+SQL output, Django models. Each test runs the script as a subprocess into a real Delta table and
+checks the ledger: every row ever written is in the target exactly once, with its values.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from uploader_testkit import read_delta, run_uploader
+
+UTC = timezone.utc
+
+
+def upload(db: Path, tmp: Path, *extra: str):
+    return run_uploader("--sqlite", str(db), "--delta-path", str(tmp / "delta"), "--state-dir", str(tmp / "state"),
+                        "--once", *extra)
+
+
+def landed(tmp: Path) -> list[dict]:
+    return read_delta(tmp / "delta").to_pylist()
+
+
+def warnings(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if " WARNING " in line or " ERROR " in line]
+
+
+def exactly_once(rows: list[dict], key: str, ledger: list) -> None:
+    counts = Counter(row[key] for row in rows)
+    missing = [k for k in ledger if counts[k] == 0]
+    twice = [k for k, n in counts.items() if n > 1]
+    extra = set(counts) - set(ledger)
+    assert not missing and not twice and not extra, (f"missing {missing[:10]} ({len(missing)}), "
+                                                     f"twice {twice[:10]}, unknown {sorted(extra)[:10]}")
+
+
+# --- Home Assistant's recorder, after schema upgrades: the legacy DATETIME columns stay, always NULL
+
+HA_STATES = """CREATE TABLE states (
+    state_id INTEGER NOT NULL, entity_id CHAR(0), state VARCHAR(255), attributes CHAR(0), event_id SMALLINT,
+    last_changed DATETIME, last_changed_ts FLOAT, last_reported_ts FLOAT, last_updated DATETIME,
+    last_updated_ts FLOAT, old_state_id INTEGER, attributes_id INTEGER, context_id CHAR(0),
+    context_user_id CHAR(0), context_parent_id CHAR(0), origin_idx SMALLINT, context_id_bin BLOB,
+    context_user_id_bin BLOB, context_parent_id_bin BLOB, metadata_id INTEGER, created DATETIME,
+    PRIMARY KEY (state_id), FOREIGN KEY(old_state_id) REFERENCES states (state_id))"""
+HA_EVENTS = """CREATE TABLE events (
+    event_id INTEGER NOT NULL, event_type CHAR(0), event_data CHAR(0), origin CHAR(0), origin_idx SMALLINT,
+    time_fired DATETIME, time_fired_ts FLOAT, context_id CHAR(0), context_user_id CHAR(0),
+    context_parent_id CHAR(0), data_id INTEGER, context_id_bin BLOB, context_user_id_bin BLOB,
+    context_parent_id_bin BLOB, event_type_id INTEGER, created DATETIME, PRIMARY KEY (event_id))"""
+HA_START = 1_705_329_000.0  # 2024-01-15 14:30:00 UTC
+
+
+def home_assistant_db(path: Path, states: int, events: int) -> Path:
+    connection = sqlite3.connect(path)
+    connection.execute(HA_STATES)
+    connection.execute(HA_EVENTS)
+    rows = []
+    for i in range(1, states + 1):
+        updated = HA_START + i * 7.25
+        changed = None if i % 3 else updated  # HA stores NULL when equal to last_updated_ts
+        reported = None if i % 5 else updated + 0.5
+        rows.append((i, "on" if i % 2 else "off", changed, reported, updated, i - 1 or None, 1 + i % 4,
+                     os.urandom(16), 1 + i % 9))
+    connection.executemany(
+        "INSERT INTO states (state_id, state, last_changed_ts, last_reported_ts, last_updated_ts, old_state_id, "
+        "origin_idx, context_id_bin, metadata_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    connection.executemany(
+        "INSERT INTO events (event_id, origin_idx, time_fired_ts, data_id, context_id_bin, event_type_id) "
+        "VALUES (?, 0, ?, ?, ?, ?)",
+        [(i, HA_START + i * 3.5, i % 7 or None, os.urandom(16), 1 + i % 5) for i in range(1, events + 1)])
+    connection.commit()
+    connection.close()
+    return path
+
+
+def test_home_assistant_recorder_time_columns_are_the_filled_ones(tmp_path):
+    """Point 5: the legacy created / last_updated / time_fired columns are NULL in every row; the
+    uploader used to pick `created` and load every state with a NULL time."""
+    db = home_assistant_db(tmp_path / "home-assistant_v2.db", states=300, events=200)
+    for table, column, step in (("states", "last_updated_ts", 7.25), ("events", "time_fired_ts", 3.5)):
+        out = tmp_path / table
+        result = upload(db, out, "--table", table)
+        assert result.returncode == 0, result.stderr
+        assert f"Timestamp column {column!r} picked" in result.stderr, result.stderr
+        assert not [w for w in warnings(result) if "timestamp" in w.lower()], warnings(result)
+        rows = landed(out)
+        key = "state_id" if table == "states" else "event_id"
+        exactly_once(rows, key, list(range(1, (300 if table == "states" else 200) + 1)))
+        for row in rows:
+            assert row[column] == datetime.fromtimestamp(HA_START + row[key] * step, UTC), row
+
+
+def test_home_assistant_error_names_only_columns_with_values(tmp_path):
+    """Point 5: when the choice stays open, the message suggests only columns that hold times."""
+    db = tmp_path / "ha.db"
+    connection = sqlite3.connect(db)
+    connection.execute("CREATE TABLE statistics (id INTEGER PRIMARY KEY, created DATETIME, created_ts FLOAT, "
+                       "start DATETIME, start_ts FLOAT, mean FLOAT)")
+    connection.executemany("INSERT INTO statistics (created_ts, start_ts, mean) VALUES (?, ?, ?)",
+                           [(HA_START + i * 3600 + 5, HA_START + i * 3600, 20.5) for i in range(10)])
+    connection.commit()
+    connection.close()
+    result = upload(db, tmp_path)
+    assert result.returncode == 2, result.stderr
+    message = [line for line in result.stderr.splitlines() if "Several columns" in line]
+    assert message and "created_ts" in message[0] and "start_ts" in message[0], result.stderr
+    assert "created," not in message[0] and "start," not in message[0] and not message[0].endswith("start)"), message
+
+
+# --- Telegraf's SQL output (outputs.sql, driver sqlite): Go's time.Time.String() as TEXT
+
+TELEGRAF_CPU = ('CREATE TABLE "cpu"("timestamp" TIMESTAMP,"name" TEXT,"host" TEXT,"cpu" TEXT,'
+                '"usage_idle" DOUBLE,"usage_user" DOUBLE)')
+
+
+def test_telegraf_timestamps_are_read_and_unreadable_ones_kept(tmp_path):
+    """Point 4: `2024-01-15 14:30:00 +0000 UTC`, with a zone name, nanoseconds, the monotonic reading."""
+    db = tmp_path / "telegraf.db"
+    connection = sqlite3.connect(db)
+    connection.execute(TELEGRAF_CPU)
+    forms = [
+        ("2024-01-15 14:30:00 +0000 UTC", datetime(2024, 1, 15, 14, 30, tzinfo=UTC)),
+        ("2024-01-15 15:30:10.123456789 +0100 CET", datetime(2024, 1, 15, 14, 30, 10, 123456, tzinfo=UTC)),
+        ("2024-07-15 16:30:20.5 +0200 CEST", datetime(2024, 7, 15, 14, 30, 20, 500000, tzinfo=UTC)),
+        ("2024-01-15 09:30:30 -0500 EST m=+3.000000001", datetime(2024, 1, 15, 14, 30, 30, tzinfo=UTC)),
+        ("2024-01-15 14:30:40 +0000 +0000", datetime(2024, 1, 15, 14, 30, 40, tzinfo=UTC)),
+        ("2024-01-31 23:59:59.999999999 +0000 UTC", datetime(2024, 1, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        ("yesterday at noon", None),  # unreadable: loaded NULL, the text kept
+    ]
+    connection.executemany('INSERT INTO "cpu" VALUES (?, "cpu", "edge-1", "cpu-total", ?, 1.5)',
+                           [(text, 90.0 + i) for i, (text, _) in enumerate(forms)])
+    connection.commit()
+    first = upload(db, tmp_path)
+    assert first.returncode == 0, first.stderr
+    connection.execute('INSERT INTO "cpu" VALUES ("2024-01-15 14:31:00 +0000 UTC", "cpu", "edge-1", "cpu0", 50, 2)')
+    connection.commit()
+    connection.close()
+    second = upload(db, tmp_path)
+    assert second.returncode == 0, second.stderr
+    rows = landed(tmp_path)
+    exactly_once(rows, "usage_idle", [90.0 + i for i in range(len(forms))] + [50.0])
+    by_value = {r["usage_idle"]: r for r in rows}
+    for i, (text, when) in enumerate(forms):
+        assert by_value[90.0 + i]["timestamp"] == when, (text, by_value[90.0 + i])
+        assert by_value[90.0 + i]["timestamp__original"] == (None if when else text)
+    assert by_value[50.0]["timestamp"] == datetime(2024, 1, 15, 14, 31, tzinfo=UTC)
+    assert any("1 row(s) had a NULL or unreadable timestamp" in w for w in warnings(first)), first.stderr
+    assert any("timestamp__original" in w for w in warnings(first)), first.stderr
+
+
+# --- Django: DecimalField is declared `decimal`; ids and counters beyond 2**53
+
+DJANGO_READINGS = ('CREATE TABLE "meters_reading" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+                   '"created_at" datetime NOT NULL, "energy_wh" decimal NOT NULL, "price" decimal NULL)')
+BIG = 2**53 + 1  # 9007199254740993: a double holds 9007199254740992
+
+
+def test_big_integers_in_numeric_columns_stay_exact(tmp_path):
+    """Point 6: a NUMERIC/DECIMAL column of integers beyond 2**53 loads as int64, exactly; one such
+    integer in a column of fractions (a double) is loaded NULL with its text kept, never rounded."""
+    db = tmp_path / "db.sqlite3"
+    connection = sqlite3.connect(db)
+    connection.execute(DJANGO_READINGS)
+    energy = [BIG + 2 * i for i in range(50)] + [2**63 - 1, -(2**63)]
+    prices = [0.25 * i for i in range(len(energy))]
+    prices[7] = BIG
+    connection.executemany('INSERT INTO "meters_reading" ("created_at", "energy_wh", "price") VALUES (?, ?, ?)',
+                           [(f"2024-01-15 14:{i // 60:02d}:{i % 60:02d}", e, p)
+                            for i, (e, p) in enumerate(zip(energy, prices))])
+    connection.commit()
+    connection.close()
+    result = upload(db, tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = sorted(landed(tmp_path), key=lambda r: r["id"])
+    exactly_once(rows, "id", list(range(1, len(energy) + 1)))
+    assert [r["energy_wh"] for r in rows] == energy
+    assert all(type(r["energy_wh"]) is int for r in rows)
+    assert rows[7]["price"] is None and rows[7]["price__original"] == str(BIG), rows[7]
+    assert [r["price"] for r in rows if r["id"] != 8] == [p for i, p in enumerate(prices) if i != 7]
+    assert any("1 value(s) of column 'price' did not fit its type" in w and "price__original" in w
+               for w in warnings(result)), result.stderr
+
+
+# --- cursor: rowid, the file replaced by a longer one (log rotation)
+
+def sensor_db(path: Path, first: int, count: int) -> None:
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device TEXT, value REAL)")
+    connection.executemany("INSERT INTO readings (device, value) VALUES (?, ?)",
+                           [(f"gen-{first}", float(i)) for i in range(first, first + count)])
+    connection.commit()
+    connection.close()
+
+
+def test_rowid_cursor_finds_a_replaced_longer_file(tmp_path):
+    """Point 3: 5,000 rows uploaded, the file rotated, the new one already 8,000 rows long: all 8,000
+    arrive (not only rowids 5,001-8,000)."""
+    db = tmp_path / "node.db"
+    sensor_db(db, 0, 5000)
+    assert upload(db, tmp_path, "--cursor", "rowid").returncode == 0
+    os.replace(db, tmp_path / "node.db.1")
+    sensor_db(db, 100_000, 8000)
+    result = upload(db, tmp_path, "--cursor", "rowid")
+    assert result.returncode == 0, result.stderr
+    rows = landed(tmp_path)
+    exactly_once(rows, "value", [float(i) for i in range(5000)] + [float(i) for i in range(100_000, 108_000)])
+    assert any("replaced" in w for w in warnings(result)), result.stderr
