@@ -1063,6 +1063,7 @@ class Window:
     below: int | None = None
     read_above: int = 0  # insertion order: rows read so far above the frontier
     key_read: int | None = None  # the highest cursor key read so far (filtered reads)
+    nulls: list | None = None  # key order: primary keys of the unreadable-timestamp rows read so far
 
 
 @dataclass
@@ -1085,6 +1086,10 @@ class Watermark:
     tail_cols: list | None = None  # the columns `tail` hashed, in table order
     below: int | None = None  # rows at or below `loc`: counted, plus the rows read since
     counted_at: float | None = None  # when `below` was last counted (unix seconds)
+    # Key order: primary keys of the rows with an unreadable timestamp already uploaded (at most
+    # MAX_TIES). Such a row has no place in the keyset, and one added later may sort anywhere;
+    # it is new when its key is not here. None: they are done up to `null_loc` (older cursors).
+    nulls: list | None = None
 
     def to_json(self) -> dict:
         return json_safe(dataclasses.asdict(self))
@@ -1217,7 +1222,11 @@ class SourceReader:
         else:
             keyed = f"({key}, {loc_list}) > (?, {', '.join('?' for _ in mark.loc)})"
             params += [mark.key, *mark.loc]
-        if mark.null_loc is None:
+        if mark.nulls is not None:
+            matches = " AND ".join(f"json_extract(t.value, '$[{i}]') = {loc}" for i, loc in enumerate(locs))
+            unkeyed = f"({key} IS NULL AND NOT EXISTS (SELECT 1 FROM json_each(?) AS t WHERE {matches}))"
+            params.append(json.dumps(mark.nulls))
+        elif mark.null_loc is None:
             unkeyed = f"{key} IS NULL"
         else:
             unkeyed = f"({key} IS NULL AND ({loc_list}) > {self._marks(mark.null_loc)})"
@@ -1462,7 +1471,8 @@ class SourceReader:
         skip = 1 if window.filtered else 0
         track_ties = window.filtered and window.top_key is not None and not self.has_rowid
         above = mark.loc[0] if window.filtered and mark.order == "insertion" and mark.loc else None
-        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns), above)
+        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns), above,
+                           track_nulls=window.filtered and mark.order == "key" and mark.nulls is not None)
         try:
             raw = fetch_chunks(connection, sql, params, shape)
         except sqlite3.OperationalError as exc:
@@ -1488,6 +1498,7 @@ class ChunkShape:
     top_key: int | None
     convert: Callable[[Sequence[tuple]], Any]
     above: int | None = None  # count the rows whose (single) locator is above this; None: count all
+    track_nulls: bool = False  # collect the locators of rows whose key is NULL
 
 
 FETCH_ROWS = 4096  # rows per fetchmany: small enough to stay in the CPU caches
@@ -1495,7 +1506,8 @@ FETCH_ROWS = 4096  # rows per fetchmany: small enough to stay in the CPU caches
 
 def fetch_chunks(connection: sqlite3.Connection, sql: str, params: Sequence, shape: ChunkShape) -> RawBatch:
     """Run one read and drain it at once: the statement (and its snapshot) ends here."""
-    raw = RawBatch(chunks=[], last_loc=None, count=0, ties=[] if shape.track_ties else None)
+    raw = RawBatch(chunks=[], last_loc=None, count=0, ties=[] if shape.track_ties else None,
+                   nulls=[] if shape.track_nulls else None)
     first = shape.skip + shape.width
     with gc_paused():
         cursor = connection.execute(sql, params)
@@ -1511,6 +1523,8 @@ def fetch_chunks(connection: sqlite3.Connection, sql: str, params: Sequence, sha
                         raw.max_key = max(keys) if raw.max_key is None else max(raw.max_key, *keys)
                 if raw.ties is not None:
                     raw.ties += [list(row[1:first]) for row in rows if row[0] == shape.top_key]
+                if raw.nulls is not None:
+                    raw.nulls += [list(row[1:first]) for row in rows if row[0] is None]
                 raw.chunks.append(shape.convert(list(zip(*rows))[first:]))
         finally:
             cursor.close()
@@ -1542,6 +1556,7 @@ class RawBatch:
     tail_cols: list | None = None
     above: int = 0  # rows read with a locator above ChunkShape.above
     max_key: int | None = None  # the highest cursor key read (reads with the key only)
+    nulls: list | None = None  # locators read whose key is NULL (key order, see Watermark.nulls)
 
 
 @contextlib.contextmanager
@@ -4408,7 +4423,8 @@ class Uploader:
                   "locator": list(self.source.locator)}
         return State(app_id=self.app_id, source=source, target=self.target.describe(),
                      watermark=Watermark(mode=self.settings.cursor,
-                                         order="insertion" if self.reader.has_rowid else "key"),
+                                         order="insertion" if self.reader.has_rowid else "key",
+                                         nulls=None if self.reader.has_rowid else []),
                      node_id=self.settings.node_id)
 
     def prepare(self) -> None:
@@ -4596,7 +4612,7 @@ class Uploader:
             done = max((m[0] for m in (mark.loc, mark.null_loc) if m), default=None)
             LOG.info("Cursor converted to insertion order (rows above rowid %s are new).", done)
             mark = dataclasses.replace(mark, order="insertion", loc=[done] if done is not None else None,
-                                       null_loc=None, ties=None)
+                                       null_loc=None, ties=None, nulls=None)
         if mark.order == "key":
             window, settled = self.reader.plan_window(connection, mark)
             if mark.below is not None and settled > mark.below:
@@ -4774,13 +4790,15 @@ class Uploader:
         elif finished:  # key order: timestamp mode (WITHOUT ROWID tables, or a window begun before)
             key = window.top_key if window.top_key is not None else mark.key
             loc = window.top if window.top_key is not None else mark.loc
-            mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None,
-                             self._final_ties(mark, window, ties), below=window.below)
+            nulls = self._final_nulls(mark, (window.nulls or []) + (raw.nulls or []))
+            mark = Watermark("timestamp", key, loc, list(window.top) if nulls is None else None, last_upload, None,
+                             self._final_ties(mark, window, ties), below=window.below, nulls=nulls)
         else:
             progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count,
                                              ties=ties, tail=raw.tail, tail_cols=raw.tail_cols,
                                              read_above=window.read_above + raw.above,
-                                             key_read=highest(window.key_read, raw.max_key))
+                                             key_read=highest(window.key_read, raw.max_key),
+                                             nulls=None if raw.nulls is None else (window.nulls or []) + raw.nulls)
             mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
         if rows is None or rows.num_rows == 0:
             return None, mark
@@ -4804,6 +4822,20 @@ class Uploader:
         return Watermark(mark.mode, max(keys) if keys else None, [loc] if loc is not None else None, None,
                          last_upload, None, None, order="insertion", tail=tail, tail_cols=columns, below=below,
                          counted_at=mark.counted_at)
+
+    def _final_nulls(self, mark: Watermark, read: list) -> list | None:
+        """The keys of unreadable-timestamp rows uploaded so far (key order); None when there are too
+        many to remember (or BLOB keys): from then on they are done up to the window's top."""
+        if mark.nulls is None:
+            return None
+        nulls = mark.nulls + read
+        if len(nulls) > MAX_TIES or any(isinstance(v, bytes) for loc in nulls for v in loc):
+            LOG.warning("%d rows of %r with an unreadable timestamp were uploaded; more than the cursor remembers "
+                        "by key (%d): a row added later with an unreadable timestamp and a primary key below the "
+                        "highest one is missed. Fix the writer's timestamps, or give the table a rowid.",
+                        len(nulls), self.source.name, MAX_TIES)
+            return None
+        return nulls
 
     def _final_ties(self, mark: Watermark, window: Window, ties: list | None) -> list | None:
         """Primary keys already uploaded at the new watermark's timestamp (WITHOUT ROWID tables)."""

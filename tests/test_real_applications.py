@@ -210,3 +210,35 @@ def test_rowid_cursor_finds_a_replaced_longer_file(tmp_path):
     rows = landed(tmp_path)
     exactly_once(rows, "value", [float(i) for i in range(5000)] + [float(i) for i in range(100_000, 108_000)])
     assert any("replaced" in w for w in warnings(result)), result.stderr
+
+
+# --- NULL / unreadable timestamps in a WITHOUT ROWID table: no place in the keyset
+
+def test_without_rowid_rows_with_unreadable_timestamps_are_never_lost(tmp_path):
+    """Point 2: a row with a NULL or unreadable timestamp whose primary key sorts below the last
+    one uploaded used to be skipped (and 'rows behind' said 0). Batches of 4 rows: windows span
+    several batches, and the keys of such rows uploaded are remembered across them."""
+    db = tmp_path / "readings.db"
+    connection = sqlite3.connect(db)
+    connection.execute("CREATE TABLE readings (device TEXT NOT NULL, seq INTEGER NOT NULL, ts TEXT, value REAL, "
+                       "PRIMARY KEY (device, seq)) WITHOUT ROWID")
+    ledger: list[tuple] = []
+
+    def write(rows: list[tuple]) -> None:
+        connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", rows)
+        connection.commit()
+        ledger.extend((device, seq) for device, seq, _, _ in rows)
+
+    write([("m", i, f"2024-01-15 14:30:{i:02d}", float(i)) for i in range(10)] + [("z", 1, None, 0.5)])
+    runs = [upload(db, tmp_path, "--batch-size", "4")]
+    write([("a", 1, None, 1.5), ("m", 99, "2024-01-15 14:31:00", 2.5), ("b", 7, "n/a", 3.5)])
+    runs.append(upload(db, tmp_path, "--batch-size", "4"))
+    write([("a", 0, None, 4.5), ("c", 3, "", 5.5)])
+    runs.append(upload(db, tmp_path, "--batch-size", "4"))
+    runs.append(upload(db, tmp_path, "--batch-size", "4"))  # nothing new: nothing uploaded twice
+    connection.close()
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    rows = landed(tmp_path)
+    exactly_once([{"k": (r["device"], r["seq"])} for r in rows], "k", ledger)
+    assert {(r["device"], r["seq"]): r["ts__original"] for r in rows if r["ts__original"]} == {("b", 7): "n/a"}
+    assert not [w for w in warnings(runs[-1]) if "NOT uploaded" in w], runs[-1].stderr
