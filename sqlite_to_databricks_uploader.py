@@ -628,6 +628,13 @@ def choose_table(connection: sqlite3.Connection, wanted: str | None, path: str) 
         folded = [t for t in tables if t.lower() == wanted.lower()]
         if len(folded) == 1:
             return folded[0]
+        view = connection.execute("SELECT name FROM sqlite_master WHERE type = 'view' AND lower(name) = lower(?)",
+                                  [wanted]).fetchone()
+        if view:
+            raise ConfigError(f"{view[0]!r} in {path} is a view; the uploader reads tables only (it finds new rows "
+                              "by rowid or primary key, which a view does not have). Set sqlite_table_name to the "
+                              "view's base table (tables: " + (", ".join(tables) or "none") + "); filter_config "
+                              "and aggregate_config can do what the view's WHERE or GROUP BY did.")
         listing = ", ".join(tables) or "none"
         raise ConfigError(f"Table {wanted!r} does not exist in {path} (tables: {listing}). "
                           "Check sqlite_table_name.")
@@ -796,7 +803,7 @@ _GO_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?) ([+-]\d
 
 
 def integer_epoch_to_micros(value: int) -> int:
-    """Unix time in seconds, milliseconds or microseconds, told apart by magnitude.
+    """Unix time in seconds, milliseconds, microseconds or (from 1e18) nanoseconds, told apart by magnitude.
 
     Below 1e7 the number is a Julian day: a column declared DATETIME has NUMERIC affinity, so
     SQLite stores a whole Julian day written as REAL (2461061.0) as an INTEGER.
@@ -808,6 +815,8 @@ def integer_epoch_to_micros(value: int) -> int:
         return value * 1_000_000
     if magnitude < 100_000_000_000_000:  # < 1e14: milliseconds
         return value * 1_000
+    if value >= 1_000_000_000_000_000_000:  # >= 1e18: nanoseconds (2001-2262; as microseconds, past 9999)
+        return value // 1_000 if value < 2**63 - 1 else MAX_MICROS + 1  # 2**63-1: a sentinel, unreadable
     return value
 
 
@@ -934,6 +943,7 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
         f"WHEN abs({c}) < 10000000 THEN CASE WHEN {c} >= {MIN_JULIAN} AND {c} < {MAX_JULIAN} THEN {julian} END "
         f"WHEN abs({c}) < 100000000000 THEN CASE WHEN {c} >= {min_s} THEN {c} * 1000 END "
         f"WHEN abs({c}) < 100000000000000 THEN CASE WHEN {c} >= {min_s * 1000} THEN {c} END "
+        f"WHEN {c} >= 1000000000000000000 THEN CASE WHEN {c} < {2**63 - 1} THEN ({c} / 1000 + 500) / 1000 END "
         f"WHEN {c} > 0 THEN CASE WHEN {c} <= {max_us} THEN ({c} + 500) / 1000 END "
         f"ELSE CASE WHEN {c} >= {MIN_MICROS} THEN -((-{c} + 499) / 1000) END END "
         f"WHEN 'real' THEN CASE "
@@ -1573,11 +1583,16 @@ def gc_paused() -> Iterator[None]:
 
 # --- From SQLite values to typed Arrow columns
 
+TIME_OF_DAY = re.compile(r"TIME\s*(\(\s*\d+\s*\))?(\s+WITH(OUT)?\s+TIME\s+ZONE)?")
+
+
 def arrow_type_for_declared(declared: str, is_cursor_column: bool) -> Any:
     """SQLite's type-affinity rules, extended with the date/time and boolean names people use."""
     import pyarrow as pa
 
     upper = declared.upper()
+    if not is_cursor_column and TIME_OF_DAY.fullmatch(upper.strip()):
+        return pa.string()  # a time of day ('14:30:00') is no instant: kept as written
     if is_cursor_column or "TIMESTAMP" in upper or "DATETIME" in upper or upper.endswith("TIME"):
         return pa.timestamp("us", tz="UTC")
     if upper == "DATE":
@@ -2334,8 +2349,10 @@ class DeltaTarget:
 
     def info(self, app_id: str | None) -> list[tuple[str, str]]:
         table = self._open()
-        lines = [("target", "local Delta table (delta-rs)"), ("location", self.location),
-                 ("name", f"{self.database}.{self.table_name} (or {self.table_name})")]
+        alias = self.query_alias
+        name = (f"{self.database}.{self.table_name} (or {self.table_name})" if alias == self.table_name else
+                f"{self.database}.`{self.table_name}` (or {alias})")  # DataFusion would not find the bare name
+        lines = [("target", "local Delta table (delta-rs)"), ("location", self.location), ("name", name)]
         if table is None:
             return [*lines, ("status", "not created yet: nothing uploaded")]
         count = self.run_query(f"SELECT count(*) AS n FROM {self.query_alias}", rewrite=False).column(0)[0]

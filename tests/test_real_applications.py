@@ -5,15 +5,17 @@ checks the ledger: every row ever written is in the target exactly once, with it
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from uploader_testkit import read_delta, run_uploader
 
 UTC = timezone.utc
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def upload(db: Path, tmp: Path, *extra: str):
@@ -242,3 +244,70 @@ def test_without_rowid_rows_with_unreadable_timestamps_are_never_lost(tmp_path):
     exactly_once([{"k": (r["device"], r["seq"])} for r in rows], "k", ledger)
     assert {(r["device"], r["seq"]): r["ts__original"] for r in rows if r["ts__original"]} == {("b", 7): "n/a"}
     assert not [w for w in warnings(runs[-1]) if "NOT uploaded" in w], runs[-1].stderr
+
+
+# --- Smaller: views, a name DataFusion folds, TIME columns, nanosecond epochs
+
+def test_a_view_is_refused_as_a_view_naming_its_tables(tmp_path):
+    """Point 7: a view used to be reported as a table that 'does not exist'."""
+    db = home_assistant_db(tmp_path / "home-assistant_v2.db", states=5, events=5)
+    connection = sqlite3.connect(db)
+    connection.execute("CREATE VIEW recent_states AS SELECT state_id, state, last_updated_ts FROM states "
+                       "WHERE last_updated_ts > 0")
+    connection.close()
+    result = upload(db, tmp_path, "--table", "recent_states")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "is a view" in errors[0] and "states" in errors[0], result.stderr
+    assert "does not exist" not in errors[0]
+    assert not (tmp_path / "delta").exists()
+
+
+PRISMA_READING = ('CREATE TABLE "Reading" ("id" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, '
+                  '"createdAt" DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP, "value" REAL NOT NULL)')
+
+
+def test_info_names_forms_of_the_table_that_queries_reach(tmp_path):
+    """Point 7: Prisma names tables after models ("Reading"); INFO offered `Reading`, which the
+    query engine folds to `reading` and does not find."""
+    db = tmp_path / "dev.db"
+    connection = sqlite3.connect(db)
+    connection.execute(PRISMA_READING)
+    connection.executemany('INSERT INTO "Reading" ("createdAt", "value") VALUES (?, ?)',  # Prisma: ms epochs
+                           [(1_705_329_000_000 + i * 1000, i / 4) for i in range(20)])
+    connection.commit()
+    connection.close()
+    assert upload(db, tmp_path).returncode == 0
+    common = ("--sqlite", str(db), "--delta-path", str(tmp_path / "delta"), "--state-dir", str(tmp_path / "state"))
+    info = run_uploader(*common, "--run-query", "INFO", "--output", "json")
+    assert info.returncode == 0, info.stderr
+    items = {row["item"]: row["value"] for row in json.loads(info.stdout)}
+    first, _, rest = items["name"].partition(" (or ")
+    for form in (first, rest.removesuffix(")")):
+        query = run_uploader(*common, "--run-query", f"SELECT count(*) AS n FROM {form}", "--output", "json")
+        assert query.returncode == 0 and json.loads(query.stdout) == [{"n": 20}], (form, query.stderr)
+
+
+def test_time_of_day_columns_stay_text_and_nanosecond_epochs_are_instants(tmp_path):
+    """Point 7: a Django TimeField ('14:30:00') became NULL, as did a Go/OpenTelemetry time.UnixNano()."""
+    db = tmp_path / "traces.db"
+    connection = sqlite3.connect(db)
+    connection.execute('CREATE TABLE "spans" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+                       '"start_time_unix_nano" bigint NOT NULL, "local_time" time NULL, "name" varchar(64) NOT NULL)')
+    start = 1_705_329_000_123_456_789
+    rows = [(start + i * 1_000_000_007, f"{8 + i % 12:02d}:{i % 60:02d}:30" + (".250000" if i % 2 else ""),
+             f"span-{i}") for i in range(30)]
+    connection.executemany('INSERT INTO "spans" ("start_time_unix_nano", "local_time", "name") VALUES (?, ?, ?)',
+                           rows)
+    connection.commit()
+    connection.close()
+    result = upload(db, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Timestamp column 'start_time_unix_nano' picked" in result.stderr, result.stderr
+    assert not warnings(result), warnings(result)
+    landed_rows = {r["name"]: r for r in landed(tmp_path)}
+    exactly_once(list(landed_rows.values()), "name", [name for _, _, name in rows])
+    for nanos, local_time, name in rows:
+        row = landed_rows[name]
+        assert row["local_time"] == local_time
+        assert row["start_time_unix_nano"] == EPOCH + timedelta(microseconds=nanos // 1000), row
