@@ -700,8 +700,10 @@ def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns:
     DATETIME columns, NULL since a schema upgrade, beside the *_ts columns it fills).
     """
     empty = connection.execute(f"SELECT 1 FROM {quote_ident(table)} LIMIT 1").fetchone() is None
-    unused = set() if empty else {c.name for c in columns if not any(
-        timestamp_to_micros(v) is not None for v in sample_values(connection, table, c.name))}
+    likely = {c.name for c in columns
+              if TIMESTAMP_DECLARED.search(c.declared_type) or c.name.lower() in TIMESTAMP_NAMES}
+    unused = set() if empty else {name for name in likely if not any(
+        timestamp_to_micros(v) is not None for v in sample_values(connection, table, name))}
     declared_unused = sorted(unused & {c.name for c in columns if TIMESTAMP_DECLARED.search(c.declared_type)})
     if declared_unused:
         LOG.info("Date/time column(s) without a readable value are not considered for the timestamp: %s.",
@@ -1102,7 +1104,13 @@ class Watermark:
     nulls: list | None = None
 
     def to_json(self) -> dict:
-        return json_safe(dataclasses.asdict(self))
+        data = dataclasses.asdict(self)
+        # Unused, these fields stay out: the state of a rowid table reads as before in older versions.
+        if data["nulls"] is None:
+            del data["nulls"]
+        if data["window"] is not None and data["window"]["nulls"] is None:
+            del data["window"]["nulls"]
+        return json_safe(data)
 
     @classmethod
     def from_json(cls, data: dict) -> Watermark:
@@ -1669,10 +1677,10 @@ class ConversionReport:
         """Count the values that became NULL and keep their stored text."""
         import pyarrow as pa
 
-        texts = [None if v is None or c is not None else original_text(v) for v, c in zip(values, converted)]
-        bad = len(texts) - texts.count(None)
+        bad = sum(1 for v, c in zip(values, converted) if c is None and v is not None)
         if bad:
             self.nulled[name] = self.nulled.get(name, 0) + bad
+            texts = [None if v is None or c is not None else original_text(v) for v, c in zip(values, converted)]
             self.kept[name] = pa.array(texts, pa.string())
 
     def end_chunk(self) -> None:
@@ -4943,8 +4951,10 @@ class Uploader:
 
         chunks = report.chunks[len(report.chunks) - len(raw.chunks):]  # a read retried: its last chunks
         known = {n.lower() for n in self.schema.names} if self.schema is not None else set()
+        skipped = self.source.timestamp_col if self.settings.invalid_timestamps == "skip" else None
         wanted = [name for name in self.source.column_names
-                  if any(name in kept for kept in chunks) or (name + ORIGINAL_SUFFIX).lower() in known]
+                  if (any(name in kept for kept in chunks) and name != skipped)
+                  or (name + ORIGINAL_SUFFIX).lower() in known]
         taken = {n.lower() for n in self.source.column_names}
         for name in wanted:
             column = name + ORIGINAL_SUFFIX
