@@ -63,7 +63,7 @@ def test_image_metadata(podman: Podman, uploader_image: str):
 
 
 def test_image_contents(podman: Podman, uploader_image: str):
-    """Dependencies from the PEP 723 header are installed; no compiler, installer, cache or pyspark."""
+    """Dependencies from the PEP 723 header are installed and import; no compiler, installer, cache or pyspark."""
     names = [req.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip() for req in header_requirements()]
     probe = (
         "import importlib.metadata as m, importlib.util as u, json, os, shutil, sys\n"
@@ -74,6 +74,12 @@ def test_image_contents(podman: Podman, uploader_image: str):
         "       'caches': [p for p in ('/root/.cache', '/nonexistent/.cache', '/tmp/pip') if os.path.exists(p)],\n"
         "       'pandas_pyc': any(f.endswith('.pyc') for _, _, fs in os.walk(os.path.dirname(\n"
         "           u.find_spec('pandas').origin)) for f in fs)}\n"
+        # Everything the script imports on any path (Delta, SQL connector, landing through the SDK):
+        # the Dockerfile removes parts of these packages.
+        "import databricks.sql, databricks.sql.exc, deltalake, deltalake.exceptions, pandas, yaml\n"
+        "import pyarrow.compute, pyarrow.dataset, pyarrow.fs, pyarrow.parquet\n"
+        "from databricks.sdk import WorkspaceClient, errors\n"
+        "from databricks.sdk.config import Config\n"
         "print(json.dumps(out))\n")
     proc = podman(
         "run", "--rm", "--network", "none", "--read-only", "--entrypoint", "/opt/venv/bin/python",
