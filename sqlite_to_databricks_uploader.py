@@ -3045,12 +3045,12 @@ class ProgressTable:
             f"load_method{staged[0]}) SELECT :app, :seq, :node, :mark, :before, :last, :rows, current_timestamp(), "
             f":method{staged[1]} WHERE NOT EXISTS (SELECT 1 FROM {self.name} WHERE app_id = :app AND seq {taken} "
             ":seq)", values, fetch=True, doing=f"recording batch {batch.seq}")
-        if copy_inserted_rows(result) == 0 and not self._recorded(values):
+        if copy_inserted_rows(result) != 1 and not self._recorded(values):
             raise AnotherWriter(another_writer_message(batch, self.table.full_name))
 
     def _recorded(self, values: dict) -> bool:
         """Whether this very record is there: the connector re-sent the INSERT after its answer was
-        lost, and the first one had written it."""
+        lost and the first one had written it, or the server does not say how many rows it inserted."""
         staged = " AND staged_file <=> :staged" if self.records_files else ""
         rows = self.session.execute(
             f"SELECT count(*) FROM {self.name} WHERE app_id = :app AND seq = :seq AND node_id = :node AND "
