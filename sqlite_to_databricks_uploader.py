@@ -4369,7 +4369,9 @@ class StateDirLock:
         except ImportError:  # not a POSIX system: no lock (the target's commit check still stands)
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # Read-only: an open writable file would stop the directory from being remounted
+            # read-only, and flock() needs no write access.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(f"State directory {self.path.parent} is not writable ({exc.strerror or exc}): cannot "
                               "create its lock file. Set state_dir (STATE_DIR, --state-dir) to a writable "
@@ -4386,10 +4388,14 @@ class StateDirLock:
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "role": role,
                   "tool": f"{TOOL_NAME} {TOOL_VERSION}"}
-        with contextlib.suppress(OSError):  # the lock holds without its label
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._label(json.dumps(record) + "\n")
         self.fd = fd
+
+    def _label(self, text: str) -> None:
+        """Written in place: a renamed file would be another inode, which a second process could lock."""
+        with contextlib.suppress(OSError), open(self.path, "r+", encoding="utf-8") as handle:
+            handle.truncate(0)  # the lock holds without its label
+            handle.write(text)
 
     def holder(self) -> str:
         """Who holds the lock, from what the holder wrote into the file."""
@@ -4402,8 +4408,7 @@ class StateDirLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)
+            self._label("")
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
 
