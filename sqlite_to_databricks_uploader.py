@@ -25,8 +25,10 @@ Map of this file, in the order data flows:
 5. Targets        -- the Target interface; DeltaTarget (embedded default); DatabricksTarget, made of
                      DatabricksSession -> DatabricksTable -> ProgressTable -> CopyLoad / InsertLoad;
                      the landing path: LandingTarget (a node: Files API only) and LandedLoader
-6. State          -- the JSON state file, atomic writes, reconciliation with the target
-7. Run loop / CLI -- cycles, backoff, signals, logging, the loader's loop, --run-query, main()
+6. State          -- the JSON state file, atomic writes, reconciliation with the target, the heartbeat,
+                     the state directory's lock (one process per state_dir)
+7. Run loop / CLI -- cycles, backoff, signals (and a uv parent's death), logging, the loader's loop,
+                     --run-query, main()
 
 Exit codes: 0 success, 1 a run-time failure (upload or I/O failed; retried in loop mode),
 2 bad configuration or input (nothing will fix itself), 130/143 stopped by a second signal.
