@@ -25,8 +25,10 @@ Map of this file, in the order data flows:
 5. Targets        -- the Target interface; DeltaTarget (embedded default); DatabricksTarget, made of
                      DatabricksSession -> DatabricksTable -> ProgressTable -> CopyLoad / InsertLoad;
                      the landing path: LandingTarget (a node: Files API only) and LandedLoader
-6. State          -- the JSON state file, atomic writes, reconciliation with the target
-7. Run loop / CLI -- cycles, backoff, signals, logging, the loader's loop, --run-query, main()
+6. State          -- the JSON state file, atomic writes, reconciliation with the target, the heartbeat,
+                     the state directory's lock (one process per state_dir)
+7. Run loop / CLI -- cycles, backoff, signals (and a uv parent's death), logging, the loader's loop,
+                     --run-query, main()
 
 Exit codes: 0 success, 1 a run-time failure (upload or I/O failed; retried in loop mode),
 2 bad configuration or input (nothing will fix itself), 130/143 stopped by a second signal.
@@ -2239,6 +2241,18 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
+class AnotherWriter(TransientError):
+    """Another process committed this uploader's next batch number first: nothing was written; the
+    next attempt resumes from the target's record instead of loading the rows again."""
+
+
+def another_writer_message(batch: Batch, target: str, committed: int | None = None) -> str:
+    return (f"Batch {batch.seq} was not written: {target} already holds batch {committed or batch.seq} of this "
+            "uploader, committed by another process that reads the same database and table (with another "
+            "state_dir, or on a filesystem whose locks do not work). Stop that process. Nothing is uploaded twice: "
+            "this one resumes from the target's record.")
+
+
 META_APP = "uploader.app_id"
 META_SEQ = "uploader.seq"
 META_WATERMARK = "uploader.watermark"
@@ -2327,13 +2341,28 @@ class DeltaTarget:
         if self.schema is not None:  # the table's spelling of each name (it may differ in case)
             spelling = {f.name.lower(): f.name for f in self.schema}
             rows = rows.rename_columns([spelling.get(n.lower(), n) for n in rows.column_names])
+        # Right before the commit: has another process committed this batch number (or a later one)
+        # for this app id? The commit is made on the very version checked, so one that commits in
+        # between also fails -- delta-rs refuses a commit whose application transaction a
+        # concurrent commit also carries ("Concurrent transaction failed").
+        table = self._open()
+        if table is not None:
+            self._check_not_committed(table, batch)
         try:
-            write_deltalake(self.location, rows, mode="append", schema_mode="merge",
-                            commit_properties=properties, name=f"{self.database}.{self.table_name}")
+            write_deltalake(table if table is not None else self.location, rows, mode="append",
+                            schema_mode="merge", commit_properties=properties,
+                            name=f"{self.database}.{self.table_name}")
         except OSError as exc:
             raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
         except Exception as exc:
+            if "concurrent transaction" in str(exc).lower():
+                raise AnotherWriter(another_writer_message(batch, self.location)) from exc
             raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
+
+    def _check_not_committed(self, table: Any, batch: Batch) -> None:
+        committed = table.transaction_version(batch.app_id)
+        if committed is not None and committed >= batch.seq:
+            raise AnotherWriter(another_writer_message(batch, self.location, committed))
 
     @property
     def query_alias(self) -> str:
@@ -3115,17 +3144,37 @@ class ProgressTable:
                             last_loc=json_restore(json.loads(last_loc)), method=method, staged_file=staged_file)
 
     def record(self, batch: Batch, method: str, staged_file: str | None = None) -> None:
-        """The batch's record, written before its rows: what a restart must replay, and how."""
+        """The batch's record, written before its rows: what a restart must replay, and how.
+
+        Written only while no record of this app id has this batch number or a later one (a
+        replay: a later one). Another process that took the number first -- a second uploader
+        with another state_dir -- stops this one before it loads anything. The INSERT reads the
+        table it appends to, so two racing records conflict in Delta and one runs again and finds
+        the other."""
         staged = (", staged_file", ", :staged") if self.records_files else ("", "")
-        self.session.execute(
+        values = {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
+                  "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
+                  "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method,
+                  **({"staged": staged_file} if self.records_files else {})}
+        taken = ">" if batch.replay_method is not None else ">="
+        result = self.session.execute(
             f"INSERT INTO {self.name} (app_id, seq, node_id, watermark, before, last_loc, row_count, recorded_at, "
-            f"load_method{staged[0]}) VALUES (:app, :seq, :node, :mark, :before, :last, :rows, current_timestamp(), "
-            f":method{staged[1]})",
-            {"app": batch.app_id, "seq": batch.seq, "node": self.node_id,
-             "mark": json.dumps(batch.watermark.to_json()), "before": json.dumps(batch.before.to_json()),
-             "last": json.dumps(json_safe(batch.last_loc)), "rows": batch.rows.num_rows, "method": method,
-             **({"staged": staged_file} if self.records_files else {})},
-            doing=f"recording batch {batch.seq}")
+            f"load_method{staged[0]}) SELECT :app, :seq, :node, :mark, :before, :last, :rows, current_timestamp(), "
+            f":method{staged[1]} WHERE NOT EXISTS (SELECT 1 FROM {self.name} WHERE app_id = :app AND seq {taken} "
+            ":seq)", values, fetch=True, doing=f"recording batch {batch.seq}")
+        if copy_inserted_rows(result) != 1 and not self._recorded(values):
+            raise AnotherWriter(another_writer_message(batch, self.table.full_name))
+
+    def _recorded(self, values: dict) -> bool:
+        """Whether this very record is there: the connector re-sent the INSERT after its answer was
+        lost and the first one had written it, or the server does not say how many rows it inserted."""
+        staged = " AND staged_file <=> :staged" if self.records_files else ""
+        rows = self.session.execute(
+            f"SELECT count(*) FROM {self.name} WHERE app_id = :app AND seq = :seq AND node_id = :node AND "
+            f"watermark = :mark AND before = :before AND last_loc = :last AND load_method = :method{staged}",
+            {k: v for k, v in values.items() if k != "rows"}, fetch=True,
+            doing=f"checking the record of batch {values['seq']}")
+        return bool(rows and rows[0][0])
 
     def info(self, app_id: str | None) -> list[tuple[str, str]]:
         if self.table.describe_columns(PROGRESS_TABLE) is None:
@@ -3571,7 +3620,7 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def copy_inserted_rows(result: list) -> int | None:
-    """num_inserted_rows of a COPY INTO result (None when the answer does not say)."""
+    """num_inserted_rows of a COPY INTO or INSERT result (None when the answer does not say)."""
     if not result:
         return None
     row = result[0]
@@ -4400,6 +4449,111 @@ def check_health(state_dir: str, now: float | None = None) -> tuple[bool, str]:
     return True, f"healthy: {detail}"
 
 
+# --- One process per state directory
+#
+# Two uploaders on one state file both plan the same window and commit it under their own batch
+# numbers: duplicates. A lock on the state directory, held for the life of the process, lets only
+# one in. flock() (not fcntl's record locks) because closing any other descriptor of the file
+# would silently drop a record lock; the kernel releases it when the process ends, however it ends.
+# --healthcheck and --run-query take no lock: they only read.
+
+LOCK_FILE_NAME = "uploader.lock"
+LOCK_RETRY_EVERY = 5.0  # seconds between attempts while loop mode waits for the lock
+
+
+class StateDirLocked(TransientError):
+    """Another process holds the state directory: --once stops (exit 1), loop mode waits."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+@dataclass
+class StateDirLock:
+    path: Path
+    fd: int | None = None
+
+    @classmethod
+    def for_dir(cls, state_dir: str) -> StateDirLock:
+        return cls(Path(state_dir) / LOCK_FILE_NAME)
+
+    def acquire(self, role: str) -> None:
+        """Take the lock without waiting and write who holds it into the file, or raise
+        StateDirLocked naming the holder."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock (the target's commit check still stands)
+            return
+        try:
+            # Read-only: an open writable file would stop the directory from being remounted
+            # read-only, and flock() needs no write access.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"State directory {self.path.parent} is not writable ({exc.strerror or exc}): cannot "
+                              "create its lock file. Set state_dir (STATE_DIR, --state-dir) to a writable "
+                              "directory.") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = self.holder()
+            raise StateDirLocked(
+                f"The state directory {self.path.parent} is in use by another process ({holder}). Only one "
+                "uploader may use a state directory at a time: stop the other one (or wait for it to end), or give "
+                "this one its own state_dir if it uploads something else.", holder) from None
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "role": role,
+                  "tool": f"{TOOL_NAME} {TOOL_VERSION}"}
+        self._label(json.dumps(record) + "\n")
+        self.fd = fd
+
+    def _label(self, text: str) -> None:
+        """Written in place: a renamed file would be another inode, which a second process could lock."""
+        with contextlib.suppress(OSError), open(self.path, "r+", encoding="utf-8") as handle:
+            handle.truncate(0)  # the lock holds without its label
+            handle.write(text)
+
+    def holder(self) -> str:
+        """Who holds the lock, from what the holder wrote into the file."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return (f"{data.get('role', 'uploader')} pid {data['pid']} on host {data['host']}, "
+                    f"since {data['since']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"holder unknown: {self.path} names none yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self._label("")
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+
+def lock_state_dir(settings: Settings, role: str, stop: threading.Event) -> StateDirLock | None:
+    """Take the state directory's lock. --once gives up at once (exit 1, naming the holder). Loop
+    mode waits for it -- a supervisor may start a new uploader while the old one is still
+    finishing its batch -- saying once who holds it; None when stopped while waiting."""
+    StateFile(settings.state_dir).check_writable()
+    lock = StateDirLock.for_dir(settings.state_dir)
+    said = None
+    while True:
+        try:
+            lock.acquire(role)
+        except StateDirLocked as exc:
+            if settings.once:
+                raise
+            if exc.holder != said:
+                LOG.warning("%s Waiting for it (retrying every %.0f s).", exc, LOCK_RETRY_EVERY)
+                said = exc.holder
+            if stop.wait(LOCK_RETRY_EVERY):
+                return None
+            continue
+        if said is not None:
+            LOG.info("The state directory %s is free now; starting.", settings.state_dir)
+        return lock
+
+
 # =====================================================================================
 # 7. Run loop and command line
 # =====================================================================================
@@ -5043,6 +5197,16 @@ def start_uploader(settings: Settings, stop: threading.Event) -> Uploader:
 
 
 def run_uploader(settings: Settings, stop: threading.Event) -> int:
+    lock = lock_state_dir(settings, "uploader", stop)
+    if lock is None:
+        return EXIT_OK
+    try:
+        return upload_loop(settings, stop)
+    finally:
+        lock.release()
+
+
+def upload_loop(settings: Settings, stop: threading.Event) -> int:
     settings = keep_node_id(settings)
     heartbeat = Heartbeat(settings.state_dir, heartbeat_stale_after(settings))
     failures = 0
@@ -5122,6 +5286,15 @@ def pause(stop: threading.Event, seconds: float, heartbeat: Heartbeat, phase: st
 def run_loader(settings: Settings, stop: threading.Event) -> int:
     """--load-landed: load what the nodes landed, every interval (or once), until stopped."""
     loader = LandedLoader(settings)
+    # The same lock as an uploader's: heartbeat.json is one process's, so one process per state_dir.
+    try:
+        lock = lock_state_dir(settings, "loader", stop)
+    except BaseException:
+        loader.close()
+        raise
+    if lock is None:
+        loader.close()
+        return EXIT_OK
     heartbeat = Heartbeat(settings.state_dir, heartbeat_stale_after(settings))
     LOG.info("Loading landed files: %s.", loader.describe())
     failures = 0
@@ -5144,6 +5317,7 @@ def run_loader(settings: Settings, stop: threading.Event) -> int:
             pause(stop, settings.interval, heartbeat, "sleeping")
     finally:
         loader.close()
+        lock.release()
     return EXIT_OK
 
 
@@ -5326,6 +5500,37 @@ def install_signal_handlers(stop: threading.Event) -> None:
         signal.signal(signum, handle)
 
 
+# `uv run -s` runs the script as its child and forwards SIGTERM/SIGINT to it, but a SIGKILL of uv
+# leaves the child running, and a supervisor then starts a second uploader beside it. The child
+# watches its parent and takes the parent's death for a SIGTERM (a second one, after a SIGTERM
+# forwarded first, ends it at once). Polling getppid() rather than prctl(PR_SET_PDEATHSIG): that
+# fires when the parent *thread* that started us ends, and uv is multi-threaded. Only under uv: a
+# script started by a shell with nohup or & must outlive that shell.
+PARENT_POLL_EVERY = 1.0
+
+
+def parent_is_uv(parent: int) -> bool:
+    try:
+        name = Path(f"/proc/{parent}/comm").read_text(encoding="utf-8").strip()
+    except OSError:  # no /proc (macOS): uv marks the processes it runs
+        return "UV_RUN_RECURSION_DEPTH" in os.environ
+    return name in ("uv", "uvx")
+
+
+def follow_uv_parent() -> None:
+    parent = os.getppid()
+    if parent <= 1 or not parent_is_uv(parent):
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_EVERY)
+        LOG.warning("The uv process that ran this script (pid %d) is gone; stopping as on SIGTERM.", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     try:
@@ -5342,6 +5547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_query_mode(invocation)
         stop = threading.Event()
         install_signal_handlers(stop)
+        follow_uv_parent()
         if invocation.load_landed:
             return run_loader(settings, stop)
         return run_uploader(settings, stop)

@@ -1372,6 +1372,8 @@ class Engine:
         plan = df._jdf.queryExecution().executedPlan()
         with contextlib.suppress(Exception):
             plan = plan.commandPhysicalPlan()
+        with contextlib.suppress(Exception):  # adaptive execution wraps a write that joins (WHERE NOT EXISTS)
+            plan = plan.finalPhysicalPlan()
         metrics = plan.metrics()
         if not metrics.contains("numOutputRows"):
             with contextlib.suppress(Exception):

@@ -201,7 +201,8 @@ class Place:
     def snapshot(self) -> tuple:
         """What a refused run must leave alone: Delta commits, state file bytes, state dir listing."""
         state = self.state_file.read_bytes() if self.state_file.exists() else None
-        listing = sorted(p.name for p in self.state_dir.iterdir() if p.name != "heartbeat.json") \
+        own = ("heartbeat.json", "uploader.lock")  # the running process's, not the progress it records
+        listing = sorted(p.name for p in self.state_dir.iterdir() if p.name not in own) \
             if self.state_dir.is_dir() else None
         return delta_versions(self.lake), state, listing
 
