@@ -11,6 +11,8 @@
 #     # The landing path: the Files API client. 0.80: earlier versions do not re-send an upload
 #     # whose answer was lost.
 #     "databricks-sdk>=0.80,<1",
+#     # Batches read straight from SQLite into Arrow (sqlite_reader: native).
+#     "adbc-driver-sqlite>=1.13",
 # ]
 # ///
 """Ship new rows from a SQLite table into a Delta / Databricks table, exactly once.
@@ -152,6 +154,10 @@ OPTIONS: tuple[Option, ...] = (
            maximum=2**63 - 1),
     Option("sqlite_busy_timeout", "SQLITE_BUSY_TIMEOUT", "float", 30.0,
            "Seconds to wait for a writer's lock before a read gives up.", minimum=0),
+    Option("sqlite_reader", "SQLITE_READER", "choice", "native",
+           "'native': batches read straight into Arrow (adbc-driver-sqlite) where that is exact, the other "
+           "columns through Python's sqlite3; 'python': every value through Python's sqlite3 (slower, the same "
+           "values).", choices=("native", "python")),
     # --- Target selection and the local Delta target
     Option("target", "UPLOAD_TARGET", "choice", "auto",
            "Where rows go: 'delta' (a local or object-store Delta table), 'databricks', or 'auto' "
@@ -236,6 +242,7 @@ class Settings:
     invalid_timestamps: str = "upload"
     batch_size: int = 100_000
     sqlite_busy_timeout: float = 30.0
+    sqlite_reader: str = "native"
     target: str = "auto"
     delta_path: str | None = None
     databricks_host: str | None = None
@@ -1398,16 +1405,8 @@ class SourceReader:
         return found, rank
 
     # -- reading -------------------------------------------------------------------------
-    def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
-                   limit: int, upper: list | None = None,
-                   convert: Callable[[Sequence[tuple]], Any] | None = None) -> RawBatch:
-        """The next rows of the window in locator order, in one short read transaction.
-
-        Rows are fetched a few thousand at a time and each chunk is handed to `convert` (its
-        columns, in table order) at once, so the batch is kept as compact Arrow arrays rather
-        than as Python tuples. `upper` (inclusive) re-reads exactly an earlier batch, for a
-        replay after a crash.
-        """
+    def _bounds(self, window: Window, upper: list | None) -> tuple[list[str], list]:
+        """The locator range of the window's next read."""
         bounds = [f"{self.loc_row} <= {self._marks(window.top)}"]
         params: list = list(window.top)
         if upper is not None:
@@ -1419,6 +1418,25 @@ class SourceReader:
         elif window.start is not None:
             bounds.append(f"{self.loc_row} >= {self._marks(window.start)}")
             params += window.start
+        return bounds, params
+
+    def range_sql(self, window: Window, limit: int, upper: list | None, selected: str) -> tuple[str, list]:
+        """An unfiltered read of the window's next rows: rowid as __l0, then `selected`."""
+        bounds, params = self._bounds(window, upper)
+        return (f"SELECT {self.loc_sql} AS __l0, {selected} FROM {self.from_sql} WHERE {' AND '.join(bounds)} "
+                f"ORDER BY __l0 LIMIT {int(limit)}"), params
+
+    def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
+                   limit: int, upper: list | None = None,
+                   convert: Callable[[Sequence[tuple]], Any] | None = None) -> RawBatch:
+        """The next rows of the window in locator order, in one short read transaction.
+
+        Rows are fetched a few thousand at a time and each chunk is handed to `convert` (its
+        columns, in table order) at once, so the batch is kept as compact Arrow arrays rather
+        than as Python tuples. `upper` (inclusive) re-reads exactly an earlier batch, for a
+        replay after a crash.
+        """
+        bounds, params = self._bounds(window, upper)
         width = len(self.table.locator)
         loc_aliases = ", ".join(f"__l{i}" for i in range(width))
         order = ", ".join(f"__l{i}" for i in range(width))
@@ -1752,6 +1770,271 @@ COERCIONS: dict[str, Callable[[Any], Any]] = {
     "int64": _to_int, "double": _to_float, "bool": _to_bool, "string": _to_str, "large_string": _to_str,
     "binary": _to_bytes, "large_binary": _to_bytes,
 }
+
+
+# --- The native reader: a batch straight from SQLite into Arrow, where that is exact
+#
+# Python's sqlite3 makes a Python object of every value; adbc-driver-sqlite fills Arrow arrays in
+# C. It infers one type per result column, so each source column is read split by storage class
+# (CASE on typeof()): every part holds one kind of value and is read exactly. A column holding a
+# storage class its type does not read natively (a REAL in an INTEGER column, a number in a TEXT
+# column, ...) or of a type not listed in native_parts() is read through Python's sqlite3 for that
+# batch and converted by to_arrow_column(); timestamps are normalized with Arrow compute for the
+# forms whose meaning is plain, every other value through timestamps_to_micros(). The Python
+# functions stay the one definition of what a value means.
+
+NATIVE_BATCH_ROWS = 65_536  # rows per Arrow batch from the driver (it infers types from the first)
+PART_TYPES = {"integer": "int64", "real": "double", "text": "string", "blob": "binary"}
+STORAGE_CLASSES = tuple(PART_TYPES)
+MASK_BITS = 62  # columns per odd-value mask column (a signed 64-bit integer)
+FLOAT_EXACT = 2**53  # integers up to this magnitude are exact as doubles
+_ISO_NATIVE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?"  # what Arrow and Python read alike
+
+
+class NativeUnavailable(Exception):
+    """The native reader cannot read this batch exactly: the Python reader reads it."""
+
+
+def native_parts(arrow_type: Any) -> tuple[str, ...]:
+    """Storage classes read natively for a column of this type; () reads it through Python."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type):
+        return STORAGE_CLASSES  # native_timestamps() hands what it does not convert to Python
+    return {pa.int64(): ("integer",), pa.float64(): ("real", "integer"), pa.string(): ("text",),
+            pa.binary(): ("blob",)}.get(arrow_type, ())
+
+
+@dataclass
+class NativeRead:
+    """A batch as the driver read it, before the Python connection's snapshot vouches for it."""
+
+    table: Any  # __l0 (rowid), __m0.. (odd-value masks), __p{i}_{class} (the parts of column i)
+    natives: list[int]  # the columns read natively
+    masked: list[int]  # those whose parts leave storage classes out, in mask bit order
+
+
+class NativeReader:
+    """Reads unfiltered insertion-order batches of rowid tables (the drain of a backlog)."""
+
+    def __init__(self, path: str):
+        import adbc_driver_sqlite.dbapi as adbc
+
+        # autocommit: every read is its own short transaction, as on the Python connection.
+        self.connection = adbc.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", autocommit=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+    def fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
+              types: Sequence[Any]) -> NativeRead:
+        natives = [i for i, kind in enumerate(types) if native_parts(kind)]
+        if not natives:
+            raise NativeUnavailable("no column of a type the native reader reads")
+        columns = [i for i in natives if len(native_parts(types[i])) < len(STORAGE_CLASSES)]  # masked
+        masks, parts = [], []
+        for start in range(0, len(columns), MASK_BITS):
+            bits = []
+            for bit, i in enumerate(columns[start:start + MASK_BITS]):
+                q = quote_ident(reader.table.column_names[i])
+                classes = ", ".join(f"'{c}'" for c in (*native_parts(types[i]), "null"))
+                bits.append(f"((typeof({q}) NOT IN ({classes})) << {bit})")
+            masks.append(f"({' | '.join(bits)}) AS __m{start // MASK_BITS}")
+        for i in natives:
+            q = quote_ident(reader.table.column_names[i])
+            parts += [f"CASE WHEN typeof({q}) = '{c}' THEN {q} END AS __p{i}_{c}" for c in native_parts(types[i])]
+        sql, params = reader.range_sql(window, limit, upper, ", ".join(masks + parts))
+        cursor = self.connection.cursor()
+        try:
+            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
+            cursor.execute(sql, params)
+            table = cursor.fetch_arrow_table()
+        except Exception as exc:  # a type inferred from NULLs, a writer's lock, ...: the Python reader
+            raise NativeUnavailable(f"the driver stopped: {one_line(str(exc))[:200]}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                cursor.close()
+        return NativeRead(table.combine_chunks(), natives, columns)
+
+    @staticmethod
+    def finish(connection: sqlite3.Connection, read: NativeRead, same_snapshot: bool, reader: SourceReader,
+               window: Window, limit: int, upper: list | None, types: Sequence[Any], schema: Any,
+               report: ConversionReport) -> RawBatch:
+        """Inside the Python connection's read transaction: the batch of that snapshot, as Arrow.
+
+        Columns the driver could not read exactly are read again here, through Python; so is the
+        rowid list when another connection committed since the driver's read began (the batch is
+        kept when it holds the same rows)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table, names = read.table, reader.table.column_names
+        rowids = table.column("__l0")
+        parts: dict[int, dict[str, Any]] = {}
+        to_python: list[int] = []
+        odd: set[int] = set()  # columns holding a storage class their parts leave out
+        for k in range(0, len(read.masked), MASK_BITS):
+            bits = 0
+            for value in pc.unique(table.column(f"__m{k // MASK_BITS}")).to_pylist():
+                bits |= value or 0
+            odd.update(i for bit, i in enumerate(read.masked[k:k + MASK_BITS]) if bits >> bit & 1)
+        for i in read.natives:
+            found = {c: native_part(table.column(f"__p{i}_{c}"), c) for c in native_parts(types[i])}
+            if i in odd or any(v is None for v in found.values()) or not exact_as_double(found, types[i]):
+                to_python.append(i)
+            else:
+                parts[i] = found
+        to_python += [i for i in range(len(names)) if not native_parts(types[i])]
+        fallback: dict[int, Any] = {}
+        if to_python or not same_snapshot:
+            LOG.debug("Native read of %d row(s): %s through Python%s.", table.num_rows,
+                      ", ".join(names[i] for i in sorted(to_python)) or "no column",
+                      "" if same_snapshot else "; rowids checked (the database changed meanwhile)")
+            selected = ", ".join(quote_ident(names[i]) for i in sorted(to_python)) or "NULL"
+            sql, params = reader.range_sql(window, limit, upper, selected)
+            try:
+                rows = connection.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:  # TEXT that is not UTF-8: the Python reader's way
+                raise NativeUnavailable(str(exc)) from exc
+            if [row[0] for row in rows] != rowids.to_pylist():
+                raise NativeUnavailable("rows changed between the driver's read and this snapshot")
+            values = list(zip(*rows))[1:] if rows else [() for _ in to_python]
+            for i, column in zip(sorted(to_python), values):
+                fallback[i] = to_arrow_column(list(column), types[i], reader.naive_tz, names[i], report)
+        raw = RawBatch(chunks=[], last_loc=None, count=table.num_rows)
+        if not table.num_rows:
+            return raw
+        arrays = [fallback[i] if i in fallback else native_column(parts[i], types[i], reader.naive_tz, names[i],
+                                                                  report) for i in range(len(names))]
+        raw.chunks = [pa.RecordBatch.from_arrays(arrays, schema=schema)]
+        raw.last_loc = [rowids[-1].as_py()]
+        raw.above = raw.count
+        return raw
+
+
+def native_part(column: Any, storage_class: str) -> Any:
+    """One part as an Arrow array of its class's type; None when the driver typed it otherwise."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    wanted = PART_TYPES[storage_class]
+    if str(array.type) != wanted:
+        # A part whose first rows are all NULL is typed INT64 by the driver.
+        return pa.nulls(len(array), wanted) if array.null_count == len(array) else None
+    if storage_class == "text":
+        try:
+            array.validate(full=True)  # TEXT that is not UTF-8: Python's reader replaces bad bytes
+        except pa.ArrowInvalid:
+            return None
+    return array
+
+
+def exact_as_double(parts: dict[str, Any], arrow_type: Any) -> bool:
+    """A REAL column's integers become doubles natively only when the double is the integer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ints = parts.get("integer")
+    if arrow_type != pa.float64() or ints is None or ints.null_count == len(ints):
+        return True
+    bounds = pc.min_max(ints)
+    return bounds["min"].as_py() >= -FLOAT_EXACT and bounds["max"].as_py() <= FLOAT_EXACT
+
+
+def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any, name: str, report: ConversionReport) -> Any:
+    """to_arrow_column() for a natively read column: the same values, computed by Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type)):
+        if arrow_type == pa.float64():
+            return pc.coalesce(parts["real"], parts["integer"].cast(pa.float64()))
+        return next(iter(parts.values()))
+    micros, present = native_timestamps(parts, naive_tz)
+    bad = pc.sum(pc.and_(present, pc.is_null(micros))).as_py() or 0
+    if bad:
+        report.nulled[name] = report.nulled.get(name, 0) + bad
+    if pa.types.is_date32(arrow_type):
+        day = 86_400_000_000
+        days = pc.divide(micros, day)  # truncates; Python's // floors
+        days = pc.if_else(pc.and_(pc.less(micros, 0), pc.not_equal(pc.multiply(days, day), micros)),
+                          pc.subtract(days, 1), days)
+        return days.cast(pa.int32()).cast(pa.date32())
+    return micros.cast(pa.timestamp("us", tz=arrow_type.tz))
+
+
+def native_timestamps(parts: dict[str, Any], naive_tz: Any) -> tuple[Any, Any]:
+    """timestamps_to_micros() with Arrow compute for the plain forms (unix seconds, milliseconds
+    and microseconds, Julian days, ISO text) in the same arithmetic; every other value goes
+    through timestamps_to_micros() itself. Returns the microseconds and where a value was stored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    i64 = pa.int64()
+    ints, reals, texts = parts["integer"], parts["real"], parts["text"]
+
+    def within(values: Any, low: float, high: float) -> Any:  # low <= v < high
+        return pc.and_(pc.greater_equal(values, low), pc.less(values, high))
+
+    def magnitude(values: Any, low: float, high: float) -> Any:  # low <= |v| < high, without abs()
+        return pc.or_(within(values, low, high), pc.and_(pc.greater(values, -high), pc.less_equal(values, -low)))
+
+    def keep(where: Any, values: Any) -> Any:  # values where `where`, NULL elsewhere (no overflow there)
+        return pc.if_else(where, values, pa.scalar(None, values.type))
+
+    def julian(days: Any) -> Any:  # julian_day_to_micros(): the same double arithmetic, rounded half to even
+        return pc.multiply(pc.round(pc.multiply(pc.subtract(days, JULIAN_UNIX_EPOCH), 86_400_000.0),
+                                    round_mode="half_to_even").cast(i64), 1_000)
+
+    forms = [
+        (ints, magnitude(ints, 10**7, 10**11), lambda v: pc.multiply(v, 1_000_000)),
+        (ints, magnitude(ints, 10**11, 10**14), lambda v: pc.multiply(v, 1_000)),
+        (ints, pc.or_(pc.greater_equal(ints, 10**14), pc.less_equal(ints, -(10**14))), lambda v: v),
+        (ints, within(ints, math.ceil(MIN_JULIAN), math.ceil(MAX_JULIAN)), lambda v: julian(v.cast(pa.float64()))),
+        (reals, within(reals, MIN_JULIAN, MAX_JULIAN), julian),
+        (reals, magnitude(reals, 1e7, 1e11),
+         lambda v: pc.round(pc.multiply(v, 1e6), round_mode="half_to_even").cast(i64)),
+    ]
+    texts_forms = [(_ISO_NATIVE + r"(Z|[+-]\d{2}:?\d{2})$", pa.timestamp("us", tz="UTC"))]
+    if naive_tz is timezone.utc:
+        texts_forms.append((_ISO_NATIVE + "$", pa.timestamp("us")))
+    def parse(texts: Any, where: Any, kind: Any) -> tuple[Any, Any]:
+        """The texts `where` says, parsed; where Arrow refuses a value (Feb 30, 24:00, as Python
+        does) the halves are parsed apart, so that only refused values go through Python."""
+        try:
+            return keep(where, texts).cast(kind).cast(i64), where
+        except pa.ArrowInvalid:
+            if len(texts) == 1:
+                return pa.nulls(1, i64), pa.array([False])
+            mid = len(texts) // 2
+            (a, a_ok), (b, b_ok) = (parse(texts.slice(0, mid), where.slice(0, mid), kind),
+                                    parse(texts.slice(mid), where.slice(mid), kind))
+            return pa.concat_arrays([a, b]), pa.concat_arrays([a_ok, b_ok])
+
+    for pattern, kind in texts_forms if texts.null_count < len(texts) else ():
+        where = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+        if pc.any(where).as_py():
+            parsed, where = parse(texts, where, kind)
+            forms.append((texts, where, lambda _v, parsed=parsed: parsed))
+    micros = pa.nulls(len(ints), i64)
+    handled = pc.is_valid(micros)  # all False
+    for values, where, convert in forms:
+        where = pc.fill_null(where, False)
+        if pc.any(where).as_py():
+            micros = pc.if_else(where, convert(keep(where, values)), micros)
+            handled = pc.or_(handled, where)
+    micros = pc.if_else(pc.fill_null(within(micros, MIN_MICROS, MAX_MICROS + 1), False), micros, pa.scalar(None, i64))
+    present = pc.is_valid(ints)
+    for part in (reals, texts, parts["blob"]):
+        present = pc.or_(present, pc.is_valid(part))
+    todo = pc.and_(present, pc.invert(handled))
+    if pc.any(todo).as_py():
+        index = pc.indices_nonzero(todo)
+        values = [next((v for v in row if v is not None), None)
+                  for row in zip(*(pc.take(part, index).to_pylist() for part in parts.values()))]
+        micros = pc.replace_with_mask(micros, todo, pa.array(timestamps_to_micros(values, naive_tz), i64))
+    return micros, present
 
 
 # =====================================================================================
@@ -4325,6 +4608,7 @@ class Uploader:
         self.stored: State | None = None
         self.heartbeat: Heartbeat | None = None
         self.state_unsaved = False  # the state file lags what the target holds (disk full, read-only)
+        self.native: NativeReader | None = None  # open during a cycle (sqlite_reader: native)
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -4477,6 +4761,7 @@ class Uploader:
             connection = self.reader.connect()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
+        self.native = self._open_native()
         try:
             self._follow_schema(connection)
             # A window ends early when the rows at the frontier moved under it (renumbered):
@@ -4501,8 +4786,25 @@ class Uploader:
             raise
         finally:
             connection.close()
+            if self.native is not None:
+                self.native.close()
+                self.native = None
         stats.seconds = time.monotonic() - started
         return stats
+
+    def _open_native(self) -> NativeReader | None:
+        if self.settings.sqlite_reader != "native":
+            return None
+        try:
+            return NativeReader(self.settings.sqlite or "")
+        except ImportError as exc:
+            LOG.warning("sqlite_reader is native, but adbc-driver-sqlite cannot be imported (%s); reading "
+                        "through Python's sqlite3, which is slower.", exc)
+            self.settings = dataclasses.replace(self.settings, sqlite_reader="python")
+        except Exception as exc:  # any failure leaves the Python reader, which is exact
+            LOG.debug("The native reader cannot open %s (%s); reading through Python's sqlite3.",
+                      self.settings.sqlite, one_line(str(exc)))
+        return None
 
     def _set_mark(self, mark: Watermark) -> None:
         """A cursor change that uploads nothing (a check, a relocation): kept in the state file."""
@@ -4764,6 +5066,15 @@ class Uploader:
 
         if mark.order != "insertion":
             return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
+        native, version = None, None
+        if self.native is not None and not window.filtered:
+            # The driver reads on its own connection, before the snapshot below; data_version
+            # tells whether anything was committed in between (then finish() compares rowids).
+            version = connection.execute("PRAGMA data_version").fetchone()[0]
+            try:
+                native = self.native.fetch(self.reader, window, limit, upper, types)
+            except NativeUnavailable as exc:
+                LOG.debug("Batch read through Python: %s.", exc)
         # The check of the frontier, the read and the new fingerprint see one snapshot: rows
         # renumbered in between cannot slip into a batch.
         frontier, tail, columns = mark.frontier
@@ -4774,7 +5085,18 @@ class Uploader:
                 end, end_tail, end_columns = check_end
                 if self.reader.check_frontier(connection, end, end_tail, end_columns) != end:
                     raise FrontierMoved(end)
-            raw = self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert)
+            raw = None
+            if native is not None:
+                same = connection.execute("PRAGMA data_version").fetchone()[0] == version
+                native_report = ConversionReport()
+                try:
+                    raw = NativeReader.finish(connection, native, same, self.reader, window, limit, upper, types,
+                                              schema, native_report)
+                    report = native_report
+                except NativeUnavailable as exc:
+                    LOG.debug("Batch read through Python: %s.", exc)
+            if raw is None:
+                raw = self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert)
             if raw.last_loc is not None:
                 raw.tail, raw.tail_cols = self.reader.tail_at(connection, raw.last_loc[0])
         return raw, report
