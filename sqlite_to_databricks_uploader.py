@@ -1775,19 +1775,22 @@ COERCIONS: dict[str, Callable[[Any], Any]] = {
 # --- The native reader: a batch straight from SQLite into Arrow, where that is exact
 #
 # Python's sqlite3 makes a Python object of every value; adbc-driver-sqlite fills Arrow arrays in
-# C. It infers one type per result column, so each source column is read split by storage class
-# (CASE on typeof()): every part holds one kind of value and is read exactly. A column holding a
-# storage class its type does not read natively (a REAL in an INTEGER column, a number in a TEXT
-# column, ...) or of a type not listed in native_parts() is read through Python's sqlite3 for that
-# batch and converted by to_arrow_column(); timestamps are normalized with Arrow compute for the
-# forms whose meaning is plain, every other value through timestamps_to_micros(). The Python
-# functions stay the one definition of what a value means.
+# C. It infers one type per result column from its first rows, widens it when they mix storage
+# classes (numbers become text, or doubles) and stops with an error when a later row does not fit.
+# So a column is read natively only where its Arrow type proves its values exact:
+#   - INTEGER target: the driver typed it int64 (every value an integer);
+#   - REAL target: int64 or double, every magnitude below 2**53 (an integer the driver turned
+#     into a double is then that double, as in Python);
+#   - TEXT target of a column with TEXT affinity (SQLite stores every number in it as text):
+#     string, valid UTF-8;
+#   - timestamps: read as two parts, numbers and text (CASE on typeof()), each checked as above;
+#     Arrow compute converts the plain forms, timestamps_to_micros() every other value.
+# Any other column, or one that fails its check, is read through Python's sqlite3 for that
+# batch and converted by to_arrow_column(): the Python functions stay the one definition of what
+# a value means.
 
 NATIVE_BATCH_ROWS = 65_536  # rows per Arrow batch from the driver (it infers types from the first)
-PART_TYPES = {"integer": "int64", "real": "double", "text": "string", "blob": "binary"}
-STORAGE_CLASSES = tuple(PART_TYPES)
-MASK_BITS = 62  # columns per odd-value mask column (a signed 64-bit integer)
-FLOAT_EXACT = 2**53  # integers up to this magnitude are exact as doubles
+FLOAT_EXACT = 2**53  # integers below this magnitude are exact as doubles
 _ISO_NATIVE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?"  # what Arrow and Python read alike
 
 
@@ -1795,23 +1798,40 @@ class NativeUnavailable(Exception):
     """The native reader cannot read this batch exactly: the Python reader reads it."""
 
 
-def native_parts(arrow_type: Any) -> tuple[str, ...]:
-    """Storage classes read natively for a column of this type; () reads it through Python."""
+def sqlite_affinity(declared: str) -> str:
+    """SQLite's column affinity rules (section 3.1 of its datatype documentation)."""
+    upper = declared.upper()
+    if "INT" in upper:
+        return "INTEGER"
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if "BLOB" in upper or not upper:
+        return "BLOB"
+    if any(word in upper for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
+def native_parts(arrow_type: Any, affinity: str, q: str) -> dict[str, str]:
+    """The SQL of each part read natively for a column; {} reads it through Python."""
     import pyarrow as pa
 
     if pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type):
-        return STORAGE_CLASSES  # native_timestamps() hands what it does not convert to Python
-    return {pa.int64(): ("integer",), pa.float64(): ("real", "integer"), pa.string(): ("text",),
-            pa.binary(): ("blob",)}.get(arrow_type, ())
+        if affinity == "TEXT":
+            return {"text": q}
+        return {"number": f"CASE WHEN typeof({q}) IN ('integer', 'real') THEN {q} END",
+                "text": f"CASE WHEN typeof({q}) IN ('text', 'blob') THEN {q} END"}
+    if arrow_type in (pa.int64(), pa.float64()) or (arrow_type == pa.string() and affinity == "TEXT"):
+        return {"value": q}
+    return {}
 
 
 @dataclass
 class NativeRead:
     """A batch as the driver read it, before the Python connection's snapshot vouches for it."""
 
-    table: Any  # __l0 (rowid), __m0.. (odd-value masks), __p{i}_{class} (the parts of column i)
-    natives: list[int]  # the columns read natively
-    masked: list[int]  # those whose parts leave storage classes out, in mask bit order
+    table: Any  # __l0 (rowid), then __p{i}_{part} for the parts of column i
+    parts: dict[int, list[str]]  # the columns read natively, and their parts
 
 
 class NativeReader:
@@ -1829,33 +1849,26 @@ class NativeReader:
 
     def fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
               types: Sequence[Any]) -> NativeRead:
-        natives = [i for i, kind in enumerate(types) if native_parts(kind)]
-        if not natives:
+        selected, parts = [], {}
+        for i, (column, kind) in enumerate(zip(reader.table.columns, types)):
+            sql = native_parts(kind, sqlite_affinity(column.declared_type), quote_ident(column.name))
+            if sql:
+                parts[i] = list(sql)
+                selected += [f"{expression} AS __p{i}_{part}" for part, expression in sql.items()]
+        if not selected:
             raise NativeUnavailable("no column of a type the native reader reads")
-        columns = [i for i in natives if len(native_parts(types[i])) < len(STORAGE_CLASSES)]  # masked
-        masks, parts = [], []
-        for start in range(0, len(columns), MASK_BITS):
-            bits = []
-            for bit, i in enumerate(columns[start:start + MASK_BITS]):
-                q = quote_ident(reader.table.column_names[i])
-                classes = ", ".join(f"'{c}'" for c in (*native_parts(types[i]), "null"))
-                bits.append(f"((typeof({q}) NOT IN ({classes})) << {bit})")
-            masks.append(f"({' | '.join(bits)}) AS __m{start // MASK_BITS}")
-        for i in natives:
-            q = quote_ident(reader.table.column_names[i])
-            parts += [f"CASE WHEN typeof({q}) = '{c}' THEN {q} END AS __p{i}_{c}" for c in native_parts(types[i])]
-        sql, params = reader.range_sql(window, limit, upper, ", ".join(masks + parts))
+        sql, params = reader.range_sql(window, limit, upper, ", ".join(selected))
         cursor = self.connection.cursor()
         try:
             cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
             cursor.execute(sql, params)
             table = cursor.fetch_arrow_table()
-        except Exception as exc:  # a type inferred from NULLs, a writer's lock, ...: the Python reader
+        except Exception as exc:  # a row that does not fit its column's type, a writer's lock, ...
             raise NativeUnavailable(f"the driver stopped: {one_line(str(exc))[:200]}") from exc
         finally:
             with contextlib.suppress(Exception):
                 cursor.close()
-        return NativeRead(table.combine_chunks(), natives, columns)
+        return NativeRead(table.combine_chunks(), parts)
 
     @staticmethod
     def finish(connection: sqlite3.Connection, read: NativeRead, same_snapshot: bool, reader: SourceReader,
@@ -1867,31 +1880,24 @@ class NativeReader:
         rowid list when another connection committed since the driver's read began (the batch is
         kept when it holds the same rows)."""
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         table, names = read.table, reader.table.column_names
         rowids = table.column("__l0")
         parts: dict[int, dict[str, Any]] = {}
-        to_python: list[int] = []
-        odd: set[int] = set()  # columns holding a storage class their parts leave out
-        for k in range(0, len(read.masked), MASK_BITS):
-            bits = 0
-            for value in pc.unique(table.column(f"__m{k // MASK_BITS}")).to_pylist():
-                bits |= value or 0
-            odd.update(i for bit, i in enumerate(read.masked[k:k + MASK_BITS]) if bits >> bit & 1)
-        for i in read.natives:
-            found = {c: native_part(table.column(f"__p{i}_{c}"), c) for c in native_parts(types[i])}
-            if i in odd or any(v is None for v in found.values()) or not exact_as_double(found, types[i]):
+        to_python = [i for i in range(len(names)) if i not in read.parts]
+        for i, part_names in read.parts.items():
+            found = {part: exact_part(table.column(f"__p{i}_{part}"), part, types[i]) for part in part_names}
+            if any(array is None for array in found.values()):
                 to_python.append(i)
             else:
                 parts[i] = found
-        to_python += [i for i in range(len(names)) if not native_parts(types[i])]
+        to_python.sort()
         fallback: dict[int, Any] = {}
         if to_python or not same_snapshot:
             LOG.debug("Native read of %d row(s): %s through Python%s.", table.num_rows,
-                      ", ".join(names[i] for i in sorted(to_python)) or "no column",
+                      ", ".join(names[i] for i in to_python) or "no column",
                       "" if same_snapshot else "; rowids checked (the database changed meanwhile)")
-            selected = ", ".join(quote_ident(names[i]) for i in sorted(to_python)) or "NULL"
+            selected = ", ".join(quote_ident(names[i]) for i in to_python) or "NULL"
             sql, params = reader.range_sql(window, limit, upper, selected)
             try:
                 rows = connection.execute(sql, params).fetchall()
@@ -1900,7 +1906,7 @@ class NativeReader:
             if [row[0] for row in rows] != rowids.to_pylist():
                 raise NativeUnavailable("rows changed between the driver's read and this snapshot")
             values = list(zip(*rows))[1:] if rows else [() for _ in to_python]
-            for i, column in zip(sorted(to_python), values):
+            for i, column in zip(to_python, values):
                 fallback[i] = to_arrow_column(list(column), types[i], reader.naive_tz, names[i], report)
         raw = RawBatch(chunks=[], last_loc=None, count=table.num_rows)
         if not table.num_rows:
@@ -1913,33 +1919,34 @@ class NativeReader:
         return raw
 
 
-def native_part(column: Any, storage_class: str) -> Any:
-    """One part as an Arrow array of its class's type; None when the driver typed it otherwise."""
+def exact_part(column: Any, part: str, arrow_type: Any) -> Any:
+    """A part as the driver typed it, when that type proves its values exact (see above); None
+    sends the column through Python. A part of NULLs only is typed int64 by the driver."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    wanted = PART_TYPES[storage_class]
-    if str(array.type) != wanted:
-        # A part whose first rows are all NULL is typed INT64 by the driver.
-        return pa.nulls(len(array), wanted) if array.null_count == len(array) else None
-    if storage_class == "text":
+    textual = part == "text" or arrow_type == pa.string()
+    if array.null_count == len(array):
+        return pa.nulls(len(array), pa.string() if textual else array.type)
+    if textual:
+        if array.type != pa.string():
+            return None
         try:
             array.validate(full=True)  # TEXT that is not UTF-8: Python's reader replaces bad bytes
         except pa.ArrowInvalid:
             return None
-    return array
-
-
-def exact_as_double(parts: dict[str, Any], arrow_type: Any) -> bool:
-    """A REAL column's integers become doubles natively only when the double is the integer."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    ints = parts.get("integer")
-    if arrow_type != pa.float64() or ints is None or ints.null_count == len(ints):
-        return True
-    bounds = pc.min_max(ints)
-    return bounds["min"].as_py() >= -FLOAT_EXACT and bounds["max"].as_py() <= FLOAT_EXACT
+        return array
+    if array.type == pa.int64():
+        if arrow_type == pa.float64():
+            bounds = pc.min_max(array)
+            if bounds["min"].as_py() <= -FLOAT_EXACT or bounds["max"].as_py() >= FLOAT_EXACT:
+                return None
+        return array
+    if array.type == pa.float64() and arrow_type != pa.int64():
+        largest = pc.max(pc.abs(array)).as_py()
+        return array if largest < FLOAT_EXACT else None  # an integer beyond 2**53 may hide there
+    return None
 
 
 def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any, name: str, report: ConversionReport) -> Any:
@@ -1948,10 +1955,8 @@ def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any, name: s
     import pyarrow.compute as pc
 
     if not (pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type)):
-        if arrow_type == pa.float64():
-            return pc.coalesce(parts["real"], parts["integer"].cast(pa.float64()))
-        return next(iter(parts.values()))
-    micros, present = native_timestamps(parts, naive_tz)
+        return parts["value"].cast(arrow_type)  # int64 or float64 to float64 (exact, checked)
+    micros, present = native_timestamps(parts.get("number"), parts["text"], naive_tz)
     bad = pc.sum(pc.and_(present, pc.is_null(micros))).as_py() or 0
     if bad:
         report.nulled[name] = report.nulled.get(name, 0) + bad
@@ -1964,15 +1969,18 @@ def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any, name: s
     return micros.cast(pa.timestamp("us", tz=arrow_type.tz))
 
 
-def native_timestamps(parts: dict[str, Any], naive_tz: Any) -> tuple[Any, Any]:
+def native_timestamps(numbers: Any, texts: Any, naive_tz: Any) -> tuple[Any, Any]:
     """timestamps_to_micros() with Arrow compute for the plain forms (unix seconds, milliseconds
     and microseconds, Julian days, ISO text) in the same arithmetic; every other value goes
-    through timestamps_to_micros() itself. Returns the microseconds and where a value was stored."""
+    through timestamps_to_micros() itself. `numbers` holds the INTEGER and REAL values (int64, or
+    double below 2**53, where an integer means what the same REAL means), `texts` the TEXT ones.
+    Returns the microseconds and where a value was stored."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     i64 = pa.int64()
-    ints, reals, texts = parts["integer"], parts["real"], parts["text"]
+    if numbers is None:
+        numbers = pa.nulls(len(texts), i64)
 
     def within(values: Any, low: float, high: float) -> Any:  # low <= v < high
         return pc.and_(pc.greater_equal(values, low), pc.less(values, high))
@@ -1987,18 +1995,28 @@ def native_timestamps(parts: dict[str, Any], naive_tz: Any) -> tuple[Any, Any]:
         return pc.multiply(pc.round(pc.multiply(pc.subtract(days, JULIAN_UNIX_EPOCH), 86_400_000.0),
                                     round_mode="half_to_even").cast(i64), 1_000)
 
-    forms = [
-        (ints, magnitude(ints, 10**7, 10**11), lambda v: pc.multiply(v, 1_000_000)),
-        (ints, magnitude(ints, 10**11, 10**14), lambda v: pc.multiply(v, 1_000)),
-        (ints, pc.or_(pc.greater_equal(ints, 10**14), pc.less_equal(ints, -(10**14))), lambda v: v),
-        (ints, within(ints, math.ceil(MIN_JULIAN), math.ceil(MAX_JULIAN)), lambda v: julian(v.cast(pa.float64()))),
-        (reals, within(reals, MIN_JULIAN, MAX_JULIAN), julian),
-        (reals, magnitude(reals, 1e7, 1e11),
-         lambda v: pc.round(pc.multiply(v, 1e6), round_mode="half_to_even").cast(i64)),
-    ]
+    def rounded(values: Any, factor: float) -> Any:  # Python's round(v * factor)
+        return pc.round(pc.multiply(values, factor), round_mode="half_to_even").cast(i64)
+
+    if numbers.type == i64:  # integer_epoch_to_micros()
+        forms = [
+            (numbers, magnitude(numbers, 10**7, 10**11), lambda v: pc.multiply(v, 1_000_000)),
+            (numbers, magnitude(numbers, 10**11, 10**14), lambda v: pc.multiply(v, 1_000)),
+            (numbers, pc.or_(pc.greater_equal(numbers, 10**14), pc.less_equal(numbers, -(10**14))), lambda v: v),
+            (numbers, within(numbers, math.ceil(MIN_JULIAN), math.ceil(MAX_JULIAN)),
+             lambda v: julian(v.cast(pa.float64()))),
+        ]
+    else:  # real_to_micros(), for magnitudes below 2**53; the edges of its cases go through Python
+        forms = [
+            (numbers, within(numbers, MIN_JULIAN, MAX_JULIAN - 1), julian),
+            (numbers, magnitude(numbers, 1e7, 1e11), lambda v: rounded(v, 1e6)),
+            (numbers, magnitude(numbers, 1e11, 1e14 - 1), lambda v: pc.multiply(rounded(v, 1.0), 1_000)),
+            (numbers, magnitude(numbers, 1e14, FLOAT_EXACT), lambda v: rounded(v, 1.0)),
+        ]
     texts_forms = [(_ISO_NATIVE + r"(Z|[+-]\d{2}:?\d{2})$", pa.timestamp("us", tz="UTC"))]
     if naive_tz is timezone.utc:
         texts_forms.append((_ISO_NATIVE + "$", pa.timestamp("us")))
+
     def parse(texts: Any, where: Any, kind: Any) -> tuple[Any, Any]:
         """The texts `where` says, parsed; where Arrow refuses a value (Feb 30, 24:00, as Python
         does) the halves are parsed apart, so that only refused values go through Python."""
@@ -2014,10 +2032,11 @@ def native_timestamps(parts: dict[str, Any], naive_tz: Any) -> tuple[Any, Any]:
 
     for pattern, kind in texts_forms if texts.null_count < len(texts) else ():
         where = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+        where = pc.and_(where, pc.invert(pc.starts_with(texts, "0000")))  # year 0: Arrow reads it, Python not
         if pc.any(where).as_py():
             parsed, where = parse(texts, where, kind)
             forms.append((texts, where, lambda _v, parsed=parsed: parsed))
-    micros = pa.nulls(len(ints), i64)
+    micros = pa.nulls(len(texts), i64)
     handled = pc.is_valid(micros)  # all False
     for values, where, convert in forms:
         where = pc.fill_null(where, False)
@@ -2025,14 +2044,12 @@ def native_timestamps(parts: dict[str, Any], naive_tz: Any) -> tuple[Any, Any]:
             micros = pc.if_else(where, convert(keep(where, values)), micros)
             handled = pc.or_(handled, where)
     micros = pc.if_else(pc.fill_null(within(micros, MIN_MICROS, MAX_MICROS + 1), False), micros, pa.scalar(None, i64))
-    present = pc.is_valid(ints)
-    for part in (reals, texts, parts["blob"]):
-        present = pc.or_(present, pc.is_valid(part))
+    present = pc.or_(pc.is_valid(numbers), pc.is_valid(texts))
     todo = pc.and_(present, pc.invert(handled))
     if pc.any(todo).as_py():
         index = pc.indices_nonzero(todo)
-        values = [next((v for v in row if v is not None), None)
-                  for row in zip(*(pc.take(part, index).to_pylist() for part in parts.values()))]
+        values = [t if n is None else n for n, t in zip(pc.take(numbers, index).to_pylist(),
+                                                       pc.take(texts, index).to_pylist())]
         micros = pc.replace_with_mask(micros, todo, pa.array(timestamps_to_micros(values, naive_tz), i64))
     return micros, present
 
