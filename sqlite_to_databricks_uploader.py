@@ -1876,9 +1876,9 @@ class NativeReader:
                report: ConversionReport) -> RawBatch:
         """Inside the Python connection's read transaction: the batch of that snapshot, as Arrow.
 
-        Columns the driver could not read exactly are read again here, through Python; so is the
-        rowid list when another connection committed since the driver's read began (the batch is
-        kept when it holds the same rows)."""
+        Columns the driver could not read exactly are read again here, through Python. When
+        another connection committed since the driver's read began, the batch is kept only if
+        it holds the same rows and no column needs Python; otherwise Python reads it all."""
         import pyarrow as pa
 
         table, names = read.table, reader.table.column_names
@@ -1892,6 +1892,8 @@ class NativeReader:
             else:
                 parts[i] = found
         to_python.sort()
+        if to_python and not same_snapshot:  # a row must not mix columns of two versions of itself
+            raise NativeUnavailable("the database changed between the two reads")
         fallback: dict[int, Any] = {}
         if to_python or not same_snapshot:
             LOG.debug("Native read of %d row(s): %s through Python%s.", table.num_rows,
