@@ -283,19 +283,23 @@ def ensure_bytecode(python: str) -> None:
         print(f"  compiled the bytecode of {python}'s environment in {took:.0f} s (once per environment)")
 
 
-def parse_sizes(text: str) -> list[int]:
+def parse_speed_sizes(text: str) -> list[int]:
+    return parse_sizes(text, least=1)
+
+
+def parse_sizes(text: str, least: int = 2) -> list[int]:
     try:
         sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated row counts, got {text!r}") from None
-    if len(sizes) < 2 or min(sizes) < 1:
+    if len(sizes) < least or min(sizes, default=0) < 1:
         raise argparse.ArgumentTypeError("give at least two positive row counts, e.g. 100000,5000000")
     return sorted(set(sizes))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=parse_sizes, default=[1_000_000, 5_000_000],
+    parser.add_argument("--rows", type=parse_speed_sizes, default=[1_000_000, 5_000_000],
                         help="comma-separated sizes for the speed comparison (the goal is judged at the smallest)")
     parser.add_argument("--memory-rows", type=parse_sizes, default=[100_000, 5_000_000],
                         help="comma-separated sizes for the peak-memory comparison (smallest vs largest)")
