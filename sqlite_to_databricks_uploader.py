@@ -22,7 +22,8 @@ Map of this file, in the order data flows:
 1. Configuration  -- OPTIONS (every YAML key / environment variable / flag), load_settings()
 2. Source         -- open SQLite read-only, detect table and timestamp column, timestamp parsing
 3. Cursor         -- insertion order guarded by a fingerprint (rowid tables) or a (timestamp, key)
-                     keyset (WITHOUT ROWID); window planning, batch reading
+                     keyset (WITHOUT ROWID); window planning, batch reading (Python's sqlite3, and
+                     the NativeReader: adbc-driver-sqlite into Arrow where exact)
 4. Transforms     -- sanitize -> filter -> aggregate (pandas), validated at start-up
 5. Targets        -- the Target interface; DeltaTarget (embedded default); DatabricksTarget, made of
                      DatabricksSession -> DatabricksTable -> ProgressTable -> CopyLoad / InsertLoad;
