@@ -636,6 +636,13 @@ def choose_table(connection: sqlite3.Connection, wanted: str | None, path: str) 
         folded = [t for t in tables if t.lower() == wanted.lower()]
         if len(folded) == 1:
             return folded[0]
+        view = connection.execute("SELECT name FROM sqlite_master WHERE type = 'view' AND lower(name) = lower(?)",
+                                  [wanted]).fetchone()
+        if view:
+            raise ConfigError(f"{view[0]!r} in {path} is a view; the uploader reads tables only (it finds new rows "
+                              "by rowid or primary key, which a view does not have). Set sqlite_table_name to the "
+                              "view's base table (tables: " + (", ".join(tables) or "none") + "); filter_config "
+                              "and aggregate_config can do what the view's WHERE or GROUP BY did.")
         listing = ", ".join(tables) or "none"
         raise ConfigError(f"Table {wanted!r} does not exist in {path} (tables: {listing}). "
                           "Check sqlite_table_name.")
@@ -695,7 +702,22 @@ def looks_like_timestamps(values: list, tz: Any = timezone.utc) -> bool:
 
 
 def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns: Sequence[Column]) -> str:
-    """Pick the time column: declared type first, then well-known names, then the stored values."""
+    """Pick the time column: declared type first, then well-known names, then the stored values.
+
+    Columns that hold rows but no readable time are left out (Home Assistant keeps its legacy
+    DATETIME columns, NULL since a schema upgrade, beside the *_ts columns it fills).
+    """
+    empty = connection.execute(f"SELECT 1 FROM {quote_ident(table)} LIMIT 1").fetchone() is None
+    likely = {c.name for c in columns
+              if TIMESTAMP_DECLARED.search(c.declared_type) or c.name.lower() in TIMESTAMP_NAMES}
+    unused = set() if empty else {name for name in likely if not any(
+        timestamp_to_micros(v) is not None for v in sample_values(connection, table, name))}
+    declared_unused = sorted(unused & {c.name for c in columns if TIMESTAMP_DECLARED.search(c.declared_type)})
+    if declared_unused:
+        LOG.info("Date/time column(s) without a readable value are not considered for the timestamp: %s.",
+                 ", ".join(declared_unused))
+    every_name = ", ".join(c.name for c in columns)
+    columns = [c for c in columns if c.name not in unused]
     by_type = [c.name for c in columns if TIMESTAMP_DECLARED.search(c.declared_type)]
     if len(by_type) == 1:
         LOG.info("Timestamp column %r picked: its declared type is %s.", by_type[0],
@@ -711,11 +733,18 @@ def detect_timestamp_column(connection: sqlite3.Connection, table: str, columns:
     if len(by_values) == 1:
         LOG.info("Timestamp column %r picked: its stored values read as datetimes.", by_values[0])
         return by_values[0]
+    always_set = [c for c in by_values if connection.execute(
+        f"SELECT count(*) FROM (SELECT {quote_ident(c)} AS v FROM {quote_ident(table)} LIMIT 1000) "
+        "WHERE v IS NULL").fetchone()[0] == 0]
+    if len(always_set) == 1:  # Home Assistant's last_updated_ts beside last_changed_ts (NULL when equal)
+        LOG.info("Timestamp column %r picked: its stored values read as datetimes, and it is the only such "
+                 "column never NULL (%s).", always_set[0], ", ".join(by_values))
+        return always_set[0]
     if len(by_values) > 1 or len(by_type) > 1:
         candidates = by_values if len(by_values) > 1 else by_type
         raise ConfigError(f"Several columns of {table!r} could be the timestamp ({', '.join(candidates)}); "
                           "set timestamp_col (TIMESTAMP_COL, --timestamp-col).")
-    raise ConfigError(f"No timestamp column found in {table!r} (columns: {', '.join(c.name for c in columns)}). "
+    raise ConfigError(f"No timestamp column found in {table!r} (columns: {every_name}). "
                       "Set timestamp_col, or use cursor: rowid for tables without one.")
 
 
@@ -776,10 +805,15 @@ MIN_JULIAN, MAX_JULIAN = 1721425.5, 5373484.5  # Julian days of 0001-01-01 and 1
 _ISO_FIX = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
                       re.IGNORECASE)
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
+# Go's time.Time.String(), which Telegraf's SQL output writes: '2024-01-15 14:30:00.123456789 +0100 CET',
+# sometimes with the monotonic clock reading ' m=+0.000012'. The numeric offset is the instant's;
+# the zone name only repeats it.
+_GO_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?) ([+-]\d{4})"
+                      r"(?: [A-Za-z0-9_/+-]+)?(?: m=[+-]\d+(?:\.\d+)?)?$")
 
 
 def integer_epoch_to_micros(value: int) -> int:
-    """Unix time in seconds, milliseconds or microseconds, told apart by magnitude.
+    """Unix time in seconds, milliseconds, microseconds or (from 1e18) nanoseconds, told apart by magnitude.
 
     Below 1e7 the number is a Julian day: a column declared DATETIME has NUMERIC affinity, so
     SQLite stores a whole Julian day written as REAL (2461061.0) as an INTEGER.
@@ -791,6 +825,8 @@ def integer_epoch_to_micros(value: int) -> int:
         return value * 1_000_000
     if magnitude < 100_000_000_000_000:  # < 1e14: milliseconds
         return value * 1_000
+    if value >= 1_000_000_000_000_000_000:  # >= 1e18: nanoseconds (2001-2262; as microseconds, past 9999)
+        return value // 1_000 if value < 2**63 - 1 else MAX_MICROS + 1  # 2**63-1: a sentinel, unreadable
     return value
 
 
@@ -816,6 +852,9 @@ def text_to_micros(text: str, naive_tz: Any) -> int | None:
         return None
     if _NUMBER.match(stripped):
         return real_to_micros(float(stripped)) if "." in stripped else integer_epoch_to_micros(int(stripped))
+    go_time = _GO_TIME.match(stripped)
+    if go_time:
+        stripped = go_time[1] + go_time[2]
     try:
         moment = datetime.fromisoformat(stripped)
     except ValueError:
@@ -914,6 +953,7 @@ def cursor_key_sql(column: str, python_for_text: bool) -> str:
         f"WHEN abs({c}) < 10000000 THEN CASE WHEN {c} >= {MIN_JULIAN} AND {c} < {MAX_JULIAN} THEN {julian} END "
         f"WHEN abs({c}) < 100000000000 THEN CASE WHEN {c} >= {min_s} THEN {c} * 1000 END "
         f"WHEN abs({c}) < 100000000000000 THEN CASE WHEN {c} >= {min_s * 1000} THEN {c} END "
+        f"WHEN {c} >= 1000000000000000000 THEN CASE WHEN {c} < {2**63 - 1} THEN ({c} / 1000 + 500) / 1000 END "
         f"WHEN {c} > 0 THEN CASE WHEN {c} <= {max_us} THEN ({c} + 500) / 1000 END "
         f"ELSE CASE WHEN {c} >= {MIN_MICROS} THEN -((-{c} + 499) / 1000) END END "
         f"WHEN 'real' THEN CASE "
@@ -1043,6 +1083,7 @@ class Window:
     below: int | None = None
     read_above: int = 0  # insertion order: rows read so far above the frontier
     key_read: int | None = None  # the highest cursor key read so far (filtered reads)
+    nulls: list | None = None  # key order: primary keys of the unreadable-timestamp rows read so far
 
 
 @dataclass
@@ -1065,9 +1106,19 @@ class Watermark:
     tail_cols: list | None = None  # the columns `tail` hashed, in table order
     below: int | None = None  # rows at or below `loc`: counted, plus the rows read since
     counted_at: float | None = None  # when `below` was last counted (unix seconds)
+    # Key order: primary keys of the rows with an unreadable timestamp already uploaded (at most
+    # MAX_TIES). Such a row has no place in the keyset, and one added later may sort anywhere;
+    # it is new when its key is not here. None: they are done up to `null_loc` (older cursors).
+    nulls: list | None = None
 
     def to_json(self) -> dict:
-        return json_safe(dataclasses.asdict(self))
+        data = dataclasses.asdict(self)
+        # Unused, these fields stay out: the state of a rowid table reads as before in older versions.
+        if data["nulls"] is None:
+            del data["nulls"]
+        if data["window"] is not None and data["window"]["nulls"] is None:
+            del data["window"]["nulls"]
+        return json_safe(data)
 
     @classmethod
     def from_json(cls, data: dict) -> Watermark:
@@ -1197,7 +1248,11 @@ class SourceReader:
         else:
             keyed = f"({key}, {loc_list}) > (?, {', '.join('?' for _ in mark.loc)})"
             params += [mark.key, *mark.loc]
-        if mark.null_loc is None:
+        if mark.nulls is not None:
+            matches = " AND ".join(f"json_extract(t.value, '$[{i}]') = {loc}" for i, loc in enumerate(locs))
+            unkeyed = f"({key} IS NULL AND NOT EXISTS (SELECT 1 FROM json_each(?) AS t WHERE {matches}))"
+            params.append(json.dumps(mark.nulls))
+        elif mark.null_loc is None:
             unkeyed = f"{key} IS NULL"
         else:
             unkeyed = f"({key} IS NULL AND ({loc_list}) > {self._marks(mark.null_loc)})"
@@ -1453,7 +1508,8 @@ class SourceReader:
         skip = 1 if window.filtered else 0
         track_ties = window.filtered and window.top_key is not None and not self.has_rowid
         above = mark.loc[0] if window.filtered and mark.order == "insertion" and mark.loc else None
-        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns), above)
+        shape = ChunkShape(skip, width, track_ties, window.top_key, convert or (lambda columns: columns), above,
+                           track_nulls=window.filtered and mark.order == "key" and mark.nulls is not None)
         try:
             raw = fetch_chunks(connection, sql, params, shape)
         except sqlite3.OperationalError as exc:
@@ -1479,6 +1535,7 @@ class ChunkShape:
     top_key: int | None
     convert: Callable[[Sequence[tuple]], Any]
     above: int | None = None  # count the rows whose (single) locator is above this; None: count all
+    track_nulls: bool = False  # collect the locators of rows whose key is NULL
 
 
 FETCH_ROWS = 4096  # rows per fetchmany: small enough to stay in the CPU caches
@@ -1486,7 +1543,8 @@ FETCH_ROWS = 4096  # rows per fetchmany: small enough to stay in the CPU caches
 
 def fetch_chunks(connection: sqlite3.Connection, sql: str, params: Sequence, shape: ChunkShape) -> RawBatch:
     """Run one read and drain it at once: the statement (and its snapshot) ends here."""
-    raw = RawBatch(chunks=[], last_loc=None, count=0, ties=[] if shape.track_ties else None)
+    raw = RawBatch(chunks=[], last_loc=None, count=0, ties=[] if shape.track_ties else None,
+                   nulls=[] if shape.track_nulls else None)
     first = shape.skip + shape.width
     with gc_paused():
         cursor = connection.execute(sql, params)
@@ -1502,6 +1560,8 @@ def fetch_chunks(connection: sqlite3.Connection, sql: str, params: Sequence, sha
                         raw.max_key = max(keys) if raw.max_key is None else max(raw.max_key, *keys)
                 if raw.ties is not None:
                     raw.ties += [list(row[1:first]) for row in rows if row[0] == shape.top_key]
+                if raw.nulls is not None:
+                    raw.nulls += [list(row[1:first]) for row in rows if row[0] is None]
                 raw.chunks.append(shape.convert(list(zip(*rows))[first:]))
         finally:
             cursor.close()
@@ -1533,6 +1593,7 @@ class RawBatch:
     tail_cols: list | None = None
     above: int = 0  # rows read with a locator above ChunkShape.above
     max_key: int | None = None  # the highest cursor key read (reads with the key only)
+    nulls: list | None = None  # locators read whose key is NULL (key order, see Watermark.nulls)
 
 
 @contextlib.contextmanager
@@ -1549,11 +1610,16 @@ def gc_paused() -> Iterator[None]:
 
 # --- From SQLite values to typed Arrow columns
 
+TIME_OF_DAY = re.compile(r"TIME\s*(\(\s*\d+\s*\))?(\s+WITH(OUT)?\s+TIME\s+ZONE)?")
+
+
 def arrow_type_for_declared(declared: str, is_cursor_column: bool) -> Any:
     """SQLite's type-affinity rules, extended with the date/time and boolean names people use."""
     import pyarrow as pa
 
     upper = declared.upper()
+    if not is_cursor_column and TIME_OF_DAY.fullmatch(upper.strip()):
+        return pa.string()  # a time of day ('14:30:00') is no instant: kept as written
     if is_cursor_column or "TIMESTAMP" in upper or "DATETIME" in upper or upper.endswith("TIME"):
         return pa.timestamp("us", tz="UTC")
     if upper == "DATE":
@@ -1593,8 +1659,26 @@ def plan_column_types(table: SourceTable, connection: sqlite3.Connection) -> dic
         arrow_type = arrow_type_for_declared(column.declared_type, column.name == table.timestamp_col)
         if arrow_type is None:
             arrow_type = arrow_type_from_values(sample_values(connection, table.name, column.name, 1000))
+        elif numeric_holds_big_integers(column.declared_type, connection, table.name, column.name):
+            import pyarrow as pa
+
+            arrow_type = pa.int64()  # exact
         types[column.name] = arrow_type
     return types
+
+
+def numeric_holds_big_integers(declared: str, connection: sqlite3.Connection, table: str, column: str) -> bool:
+    """A NUMERIC / DECIMAL column (a double, usually) that holds only integers, some beyond 2**53 (ids,
+    nanosecond times): int64 keeps them exact, where a double would round them. A later value that
+    fits neither is NULL, counted, and kept as text (ORIGINAL_SUFFIX)."""
+    upper = declared.upper()
+    if not ("NUM" in upper or "DEC" in upper) or any(w in upper for w in ("REAL", "FLOA", "DOUB", "INT")):
+        return False
+    kinds, big = connection.execute(
+        f"SELECT group_concat(DISTINCT typeof(v)), max(v > {2**53} OR v < {-2**53}) FROM "
+        f"(SELECT {quote_ident(column)} AS v FROM {quote_ident(table)} WHERE {quote_ident(column)} IS NOT NULL "
+        "LIMIT 100000)").fetchone()
+    return kinds == "integer" and bool(big)
 
 
 @dataclass
@@ -1603,6 +1687,40 @@ class ConversionReport:
 
     nulled: dict[str, int] = field(default_factory=dict)
     invalid_timestamps: int = 0
+    # The stored values behind those NULLs, as text, per column of the chunk being converted
+    # (kept: see ORIGINAL_SUFFIX); `chunks` collects them chunk by chunk.
+    kept: dict[str, Any] = field(default_factory=dict)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+
+    def misfits(self, name: str, values: list, converted: Sequence) -> None:
+        """Count the values that became NULL and keep their stored text."""
+        import pyarrow as pa
+
+        bad = sum(1 for v, c in zip(values, converted) if c is None and v is not None)
+        if bad:
+            self.nulled[name] = self.nulled.get(name, 0) + bad
+            texts = [None if v is None or c is not None else original_text(v) for v, c in zip(values, converted)]
+            self.kept[name] = pa.array(texts, pa.string())
+
+    def end_chunk(self) -> None:
+        self.chunks.append(self.kept)
+        self.kept = {}
+
+
+# A value the uploader cannot hold in its column's type (an unreadable timestamp, 'abc' in an
+# INTEGER column, an integer a double cannot hold) is loaded as NULL, and its stored value is kept
+# as text in the column <name>__original, added to the target the first time it is needed.
+ORIGINAL_SUFFIX = "__original"
+
+
+def original_text(value: Any) -> str:
+    """A stored value as text, exactly: BLOBs that are not UTF-8 as SQLite's X'..' literal."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "X'" + value.hex().upper() + "'"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
@@ -1612,9 +1730,7 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
 
     if pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type):
         micros = timestamps_to_micros(values, naive_tz)
-        bad = sum(1 for v, m in zip(values, micros) if m is None and v is not None)
-        if bad:
-            report.nulled[name] = report.nulled.get(name, 0) + bad
+        report.misfits(name, values, micros)
         if pa.types.is_date32(arrow_type):
             return pa.array([None if m is None else m // 86_400_000_000 for m in micros], pa.date32())
         return pa.array(micros, pa.timestamp("us", tz=arrow_type.tz))
@@ -1626,16 +1742,13 @@ def to_arrow_column(values: list, arrow_type: Any, naive_tz: Any, name: str,
         pass
     coerce = COERCIONS.get(str(arrow_type), lambda v: v)
     fixed = []
-    bad = 0
     for value in values:
         try:
             converted = None if value is None else coerce(value)
         except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
             converted = None
-        bad += converted is None and value is not None
         fixed.append(converted)
-    if bad:
-        report.nulled[name] = report.nulled.get(name, 0) + bad
+    report.misfits(name, values, fixed)
     return pa.array(fixed, type=arrow_type)
 
 
@@ -1653,7 +1766,6 @@ def to_decimal_column(values: list, arrow_type: Any, name: str, report: Conversi
     limit = decimal.Decimal(10) ** whole
     context = decimal.Context(prec=arrow_type.precision + 2, rounding=decimal.ROUND_HALF_UP)
     fixed: list[decimal.Decimal | None] = []
-    bad = 0
     for value in values:
         if value is None:
             fixed.append(None)
@@ -1663,7 +1775,6 @@ def to_decimal_column(values: list, arrow_type: Any, name: str, report: Conversi
             if not number.is_finite():
                 raise ValueError(value)
         except (ValueError, ArithmeticError, UnicodeDecodeError):
-            bad += 1
             fixed.append(None)
             continue
         too_big = bool(number) and number.adjusted() >= whole
@@ -1677,8 +1788,7 @@ def to_decimal_column(values: list, arrow_type: Any, name: str, report: Conversi
                 "Nothing of this batch was loaded. Widen the column in Databricks (or load into another table), "
                 "then run again.")
         fixed.append(number)
-    if bad:
-        report.nulled[name] = report.nulled.get(name, 0) + bad
+    report.misfits(name, values, fixed)
     return pa.array(fixed, type=arrow_type)
 
 
@@ -1739,7 +1849,10 @@ def _to_int(value: Any) -> int:
 def _to_float(value: Any) -> float:
     if isinstance(value, bytes):
         raise ValueError("bytes")
-    return float(value)
+    number = float(value)
+    if isinstance(value, int) and int(number) != value:  # beyond 2**53: a double would change it
+        raise OverflowError("not exact as a double")
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -2547,8 +2660,10 @@ class DeltaTarget:
 
     def info(self, app_id: str | None) -> list[tuple[str, str]]:
         table = self._open()
-        lines = [("target", "local Delta table (delta-rs)"), ("location", self.location),
-                 ("name", f"{self.database}.{self.table_name} (or {self.table_name})")]
+        alias = self.query_alias
+        name = (f"{self.database}.{self.table_name} (or {self.table_name})" if alias == self.table_name else
+                f"{self.database}.`{self.table_name}` (or {alias})")  # DataFusion would not find the bare name
+        lines = [("target", "local Delta table (delta-rs)"), ("location", self.location), ("name", name)]
         if table is None:
             return [*lines, ("status", "not created yet: nothing uploaded")]
         count = self.run_query(f"SELECT count(*) AS n FROM {self.query_alias}", rewrite=False).column(0)[0]
@@ -4637,7 +4752,8 @@ class Uploader:
                   "locator": list(self.source.locator)}
         return State(app_id=self.app_id, source=source, target=self.target.describe(),
                      watermark=Watermark(mode=self.settings.cursor,
-                                         order="insertion" if self.reader.has_rowid else "key"),
+                                         order="insertion" if self.reader.has_rowid else "key",
+                                         nulls=None if self.reader.has_rowid else []),
                      node_id=self.settings.node_id)
 
     def prepare(self) -> None:
@@ -4843,7 +4959,7 @@ class Uploader:
             done = max((m[0] for m in (mark.loc, mark.null_loc) if m), default=None)
             LOG.info("Cursor converted to insertion order (rows above rowid %s are new).", done)
             mark = dataclasses.replace(mark, order="insertion", loc=[done] if done is not None else None,
-                                       null_loc=None, ties=None)
+                                       null_loc=None, ties=None, nulls=None)
         if mark.order == "key":
             window, settled = self.reader.plan_window(connection, mark)
             if mark.below is not None and settled > mark.below:
@@ -5021,13 +5137,15 @@ class Uploader:
         elif finished:  # key order: timestamp mode (WITHOUT ROWID tables, or a window begun before)
             key = window.top_key if window.top_key is not None else mark.key
             loc = window.top if window.top_key is not None else mark.loc
-            mark = Watermark("timestamp", key, loc, list(window.top), last_upload, None,
-                             self._final_ties(mark, window, ties), below=window.below)
+            nulls = self._final_nulls(mark, (window.nulls or []) + (raw.nulls or []))
+            mark = Watermark("timestamp", key, loc, list(window.top) if nulls is None else None, last_upload, None,
+                             self._final_ties(mark, window, ties), below=window.below, nulls=nulls)
         else:
             progressed = dataclasses.replace(window, done=raw.last_loc, rows_done=window.rows_done + raw.count,
                                              ties=ties, tail=raw.tail, tail_cols=raw.tail_cols,
                                              read_above=window.read_above + raw.above,
-                                             key_read=highest(window.key_read, raw.max_key))
+                                             key_read=highest(window.key_read, raw.max_key),
+                                             nulls=None if raw.nulls is None else (window.nulls or []) + raw.nulls)
             mark = dataclasses.replace(mark, last_upload=last_upload, window=progressed)
         if rows is None or rows.num_rows == 0:
             return None, mark
@@ -5051,6 +5169,20 @@ class Uploader:
         return Watermark(mark.mode, max(keys) if keys else None, [loc] if loc is not None else None, None,
                          last_upload, None, None, order="insertion", tail=tail, tail_cols=columns, below=below,
                          counted_at=mark.counted_at)
+
+    def _final_nulls(self, mark: Watermark, read: list) -> list | None:
+        """The keys of unreadable-timestamp rows uploaded so far (key order); None when there are too
+        many to remember (or BLOB keys): from then on they are done up to the window's top."""
+        if mark.nulls is None:
+            return None
+        nulls = mark.nulls + read
+        if len(nulls) > MAX_TIES or any(isinstance(v, bytes) for loc in nulls for v in loc):
+            LOG.warning("%d rows of %r with an unreadable timestamp were uploaded; more than the cursor remembers "
+                        "by key (%d): a row added later with an unreadable timestamp and a primary key below the "
+                        "highest one is missed. Fix the writer's timestamps, or give the table a rowid.",
+                        len(nulls), self.source.name, MAX_TIES)
+            return None
+        return nulls
 
     def _final_ties(self, mark: Watermark, window: Window, ties: list | None) -> list | None:
         """Primary keys already uploaded at the new watermark's timestamp (WITHOUT ROWID tables)."""
@@ -5082,6 +5214,7 @@ class Uploader:
         def convert(columns: Sequence[tuple]) -> Any:
             arrays = [to_arrow_column(values, kind, naive_tz, name, report)
                       for values, kind, name in zip(columns, types, names)]
+            report.end_chunk()
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         if mark.order != "insertion":
@@ -5130,13 +5263,19 @@ class Uploader:
         if raw.count == 0:
             return None, None, None
         rows = pa.Table.from_batches(raw.chunks)
+        if not self.transforms.aggregates:
+            rows = self._with_originals(rows, raw, report)
         first_ts = last_ts = None
         ts_col = self.source.timestamp_col
         if ts_col:
             column = rows.column(ts_col)
             invalid = column.null_count
             report.invalid_timestamps = invalid
-            report.nulled.pop(ts_col, None)
+            if self.settings.invalid_timestamps == "skip":  # counted with the NULLs; their text is left out
+                report.nulled.pop(ts_col, None)
+                if rows.num_rows and ts_col + ORIGINAL_SUFFIX in rows.column_names:
+                    rows = rows.set_column(rows.column_names.index(ts_col + ORIGINAL_SUFFIX),
+                                           ts_col + ORIGINAL_SUFFIX, pa.nulls(rows.num_rows, pa.string()))
             if invalid and self.settings.invalid_timestamps == "skip":
                 rows = rows.filter(pc.is_valid(column))
             if rows.num_rows:
@@ -5146,6 +5285,32 @@ class Uploader:
         if self.transforms.aggregates and rows.num_rows:
             self.schema = self.target.prepare(rows.schema)
         return rows, first_ts, last_ts
+
+    def _with_originals(self, rows: Any, raw: RawBatch, report: ConversionReport) -> Any:
+        """Add <column>__original (text) for the columns whose values this batch could not hold, and
+        for those that already have one in the target (every batch carries the target's columns)."""
+        import pyarrow as pa
+
+        chunks = report.chunks[len(report.chunks) - len(raw.chunks):]  # a read retried: its last chunks
+        known = {n.lower() for n in self.schema.names} if self.schema is not None else set()
+        skipped = self.source.timestamp_col if self.settings.invalid_timestamps == "skip" else None
+        wanted = [name for name in self.source.column_names
+                  if (any(name in kept for kept in chunks) and name != skipped)
+                  or (name + ORIGINAL_SUFFIX).lower() in known]
+        taken = {n.lower() for n in self.source.column_names}
+        for name in wanted:
+            column = name + ORIGINAL_SUFFIX
+            if column.lower() in taken:
+                continue  # the source has a column of that name: it is uploaded as it is
+            pieces = [kept.get(name, pa.nulls(chunk.num_rows, pa.string()))
+                      for kept, chunk in zip(chunks, raw.chunks)]
+            rows = rows.append_column(pa.field(column, pa.string()), pa.chunked_array(pieces, pa.string()))
+        if self.schema is not None and not {n.lower() for n in rows.column_names} <= known:
+            self.schema = self.target.prepare(rows.schema)
+        if self.schema is not None:  # in the target's order: a Databricks batch is matched by position
+            place = {n.lower(): i for i, n in enumerate(self.schema.names)}
+            rows = rows.select(sorted(rows.column_names, key=lambda n: place.get(n.lower(), len(place))))
+        return rows
 
     def _target_type(self, name: str) -> Any:
         if self.schema is not None and not self.transforms.aggregates:
@@ -5176,7 +5341,8 @@ def log_cycle(stats: CycleStats, mark: Watermark) -> None:
                     "skipped (invalid_timestamps: skip)" if stats.skipped_invalid else
                     "uploaded with a NULL timestamp (invalid_timestamps: upload)")
     for name, count in stats.nulled.items():
-        LOG.warning("%d value(s) of column %r did not fit its type and were uploaded as NULL.", count, name)
+        LOG.warning("%d value(s) of column %r did not fit its type and were uploaded as NULL; the stored "
+                    "values are kept as text in column %r.", count, name, name + ORIGINAL_SUFFIX)
 
 
 def backoff_delay(failures: int, interval: float) -> float:
@@ -5249,12 +5415,7 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
                 raise
             except (UploaderError, sqlite3.Error, OSError) as exc:
                 failures += 1
-                heartbeat.failed()
-                if settings.once:
-                    raise UploaderError(f"Upload failed: {exc}") from exc
-                delay = backoff_delay(failures, settings.interval)
-                LOG.error("Cycle failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
-                pause(stop, delay, heartbeat, "backing off")
+                back_off(exc, failures, settings, heartbeat, stop, "Upload", "Cycle")
                 continue
             failures = 0
             heartbeat.succeeded()
@@ -5275,6 +5436,17 @@ def run_uploader(settings: Settings, stop: threading.Event) -> int:
     finally:
         target.close()
     return EXIT_OK
+
+
+def back_off(exc: BaseException, failures: int, settings: Settings, heartbeat: Heartbeat, stop: threading.Event,
+             once_what: str, loop_what: str) -> None:
+    """A failed cycle: a --once run stops with the error; loop mode waits (longer each time) and goes on."""
+    heartbeat.failed()
+    if settings.once:
+        raise UploaderError(f"{once_what} failed: {exc}") from exc
+    delay = backoff_delay(failures, settings.interval)
+    LOG.error("%s failed (%s); retrying in %.0f s (attempt %d).", loop_what, exc, delay, failures)
+    pause(stop, delay, heartbeat, "backing off")
 
 
 def pause(stop: threading.Event, seconds: float, heartbeat: Heartbeat, phase: str) -> None:
@@ -5304,12 +5476,7 @@ def run_loader(settings: Settings, stop: threading.Event) -> int:
                 raise
             except (UploaderError, OSError) as exc:
                 failures += 1
-                heartbeat.failed()
-                if settings.once:
-                    raise UploaderError(f"Loading failed: {exc}") from exc
-                delay = backoff_delay(failures, settings.interval)
-                LOG.error("Loading failed (%s); retrying in %.0f s (attempt %d).", exc, delay, failures)
-                pause(stop, delay, heartbeat, "backing off")
+                back_off(exc, failures, settings, heartbeat, stop, "Loading", "Loading")
                 continue
             failures = 0
             heartbeat.succeeded()

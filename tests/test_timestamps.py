@@ -49,6 +49,13 @@ def at(*parts: int, tz=UTC) -> int:
 T = at(2024, 1, 15, 14, 30)  # 2024-01-15T14:30:00Z
 
 READABLE = [
+    # INTEGER nanoseconds (from 1e18; Go's time.UnixNano(), OpenTelemetry)
+    (T * 1000 + 789, T),
+    (10**18, 10**15),
+    # Go's time.Time.String() (Telegraf's SQL output): the numeric offset counts, the zone name not
+    ("2024-01-15 14:30:00 +0000 UTC", T),
+    ("2024-01-15 15:30:00.123456789 +0100 CET", T + 123_456),
+    ("2024-01-15 09:30:00 -0500 EST m=+0.001200001", T),
     # TEXT, space or T, with and without seconds and fractions
     ("2024-01-15 14:30:00", T),
     ("2024-01-15T14:30:00", T),
@@ -116,7 +123,7 @@ UNREADABLE = [
     b"", b"\xff\xfe", b"garbage",
     float("nan"), float("inf"), float("-inf"), 1e300,
     "0000-01-01 00:00:00", "10000-01-01",  # outside years 1-9999
-    10**18, 2**63 - 1, -(10**18),  # integers beyond year 9999
+    2**63 - 1, -(10**18),  # a sentinel; integers beyond year 9999 (negative: no nanoseconds)
     0.5, 21.5,  # Julian days before year 1
 ]
 
@@ -394,7 +401,7 @@ def test_sub_millisecond_instants_in_different_forms_keep_their_order():
 # timestamp (and block newer rows) or fall far behind the watermark (and the row is never read).
 CALENDAR_NEAR_MISSES = [
     "2024-02-30", "2024-02-31 10:00:00", "2023-04-31 08:00:00", "2024-01-01 24:00:00",
-    "0000-06-15 00:00:00", 10**18, 2**63 - 1, -(10**18), 0.5, 21.5, 0, 21,
+    "0000-06-15 00:00:00", 3 * 10**17, 2**63 - 1, -(10**18), 0.5, 21.5, 0, 21,
 ]
 
 

@@ -241,6 +241,7 @@ def check_rows(actual: list[dict], what: str, ignore: tuple[str, ...] = (), case
     problems = []
     for got, want in zip(actual, expected):
         case = cases[want["id"]]
+        problems += kept_originals(got, case)
         if got.get(case.column) in case.also:
             want = dict(want, **{case.column: got[case.column]})
         try:
@@ -248,6 +249,19 @@ def check_rows(actual: list[dict], what: str, ignore: tuple[str, ...] = (), case
         except AssertionError as exc:
             problems.append(f"case {case.name!r}: {str(exc).splitlines()[-1]}")
     assert not problems, f"{what}: {len(problems)} case(s) differ:\n" + "\n".join(problems)
+
+
+def kept_originals(got: dict, case: Case) -> list[str]:
+    """A value loaded as NULL has its stored text in <column>__original (and only such a value):
+    checked, then those columns are taken out of the row."""
+    problems = []
+    for key in [k for k in got if k.endswith("__original")]:
+        kept, column = got.pop(key), key.removesuffix("__original")
+        if kept is not None and (column != case.column or got.get(column) is not None):
+            problems.append(f"case {case.name!r}: {key} holds {kept!r} but {column} was not nulled")
+        if kept is None and column == case.column and got.get(column) is None and case.stored is not None:
+            problems.append(f"case {case.name!r}: {column} was nulled but its value is not kept in {key}")
+    return problems
 
 
 def check_warnings(stderr: str) -> None:
