@@ -2005,6 +2005,13 @@ class NativeReader:
                 to_python.append(i)
             else:
                 parts[i] = found
+        native: dict[int, tuple[Any, Any]] = {}
+        for i in sorted(parts):
+            converted = native_column(parts[i], types[i], reader.naive_tz)
+            if converted is None:  # a misfit whose stored text the driver's types do not tell
+                to_python.append(i)
+            else:
+                native[i] = converted
         to_python.sort()
         if to_python and not same_snapshot:  # a row must not mix columns of two versions of itself
             raise NativeUnavailable("the database changed between the two reads")
@@ -2021,14 +2028,21 @@ class NativeReader:
                 raise NativeUnavailable(str(exc)) from exc
             if [row[0] for row in rows] != rowids.to_pylist():
                 raise NativeUnavailable("rows changed between the driver's read and this snapshot")
-            values = list(zip(*rows))[1:] if rows else [() for _ in to_python]
-            for i, column in zip(to_python, values):
-                fallback[i] = to_arrow_column(list(column), types[i], reader.naive_tz, names[i], report)
+            fallback = dict(zip(to_python, list(zip(*rows))[1:] if rows else [() for _ in to_python]))
         raw = RawBatch(chunks=[], last_loc=None, count=table.num_rows)
         if not table.num_rows:
             return raw
-        arrays = [fallback[i] if i in fallback else native_column(parts[i], types[i], reader.naive_tz, names[i],
-                                                                  report) for i in range(len(names))]
+        arrays = []
+        for i, name in enumerate(names):  # in table order, as the Python reader counts the misfits
+            if i in fallback:
+                arrays.append(to_arrow_column(list(fallback[i]), types[i], reader.naive_tz, name, report))
+                continue
+            array, kept = native[i]
+            arrays.append(array)
+            if kept is not None:
+                report.nulled[name] = report.nulled.get(name, 0) + len(kept) - kept.null_count
+                report.kept[name] = kept
+        report.end_chunk()
         raw.chunks = [pa.RecordBatch.from_arrays(arrays, schema=schema)]
         raw.last_loc = [rowids[-1].as_py()]
         raw.above = raw.count
@@ -2065,24 +2079,37 @@ def exact_part(column: Any, part: str, arrow_type: Any) -> Any:
     return None
 
 
-def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any, name: str, report: ConversionReport) -> Any:
-    """to_arrow_column() for a natively read column: the same values, computed by Arrow."""
+def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any) -> tuple[Any, Any] | None:
+    """to_arrow_column() for a natively read column: the same values, computed by Arrow, and the
+    stored text of the values that became NULL (None when there are none; see ORIGINAL_SUFFIX).
+    None when that text is not known: a whole double among the numbers may have been stored as
+    an INTEGER (the driver widens a column that mixes them), and '5' is not '5.0'."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not (pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type)):
-        return parts["value"].cast(arrow_type)  # int64 or float64 to float64 (exact, checked)
-    micros, present = native_timestamps(parts.get("number"), parts["text"], naive_tz)
-    bad = pc.sum(pc.and_(present, pc.is_null(micros))).as_py() or 0
-    if bad:
-        report.nulled[name] = report.nulled.get(name, 0) + bad
+        return parts["value"].cast(arrow_type), None  # int64 or float64 to float64 (exact, checked)
+    numbers, texts = parts.get("number"), parts["text"]
+    micros, present = native_timestamps(numbers, texts, naive_tz)
+    misfit = pc.and_(present, pc.is_null(micros))
+    kept = None
+    if pc.any(misfit).as_py():
+        index = pc.indices_nonzero(misfit)
+        stored = pc.take(texts, index).to_pylist()
+        if numbers is not None:
+            stored = [t if n is None else n for n, t in zip(pc.take(numbers, index).to_pylist(), stored)]
+        if numbers is not None and pa.types.is_floating(numbers.type) and any(
+                isinstance(v, float) and v.is_integer() for v in stored):
+            return None
+        kept = pc.replace_with_mask(pa.nulls(len(micros), pa.string()), misfit,
+                                    pa.array([original_text(v) for v in stored], pa.string()))
     if pa.types.is_date32(arrow_type):
         day = 86_400_000_000
         days = pc.divide(micros, day)  # truncates; Python's // floors
         days = pc.if_else(pc.and_(pc.less(micros, 0), pc.not_equal(pc.multiply(days, day), micros)),
                           pc.subtract(days, 1), days)
-        return days.cast(pa.int32()).cast(pa.date32())
-    return micros.cast(pa.timestamp("us", tz=arrow_type.tz))
+        return days.cast(pa.int32()).cast(pa.date32()), kept
+    return micros.cast(pa.timestamp("us", tz=arrow_type.tz)), kept
 
 
 def native_timestamps(numbers: Any, texts: Any, naive_tz: Any) -> tuple[Any, Any]:
@@ -2118,7 +2145,9 @@ def native_timestamps(numbers: Any, texts: Any, naive_tz: Any) -> tuple[Any, Any
         forms = [
             (numbers, magnitude(numbers, 10**7, 10**11), lambda v: pc.multiply(v, 1_000_000)),
             (numbers, magnitude(numbers, 10**11, 10**14), lambda v: pc.multiply(v, 1_000)),
-            (numbers, pc.or_(pc.greater_equal(numbers, 10**14), pc.less_equal(numbers, -(10**14))), lambda v: v),
+            (numbers, pc.or_(within(numbers, 10**14, 10**18), pc.less_equal(numbers, -(10**14))), lambda v: v),
+            # nanoseconds (positive: truncation is Python's floor); 2**63-1, a sentinel, goes through Python
+            (numbers, within(numbers, 10**18, 2**63 - 1), lambda v: pc.divide(v, 1_000)),
             (numbers, within(numbers, math.ceil(MIN_JULIAN), math.ceil(MAX_JULIAN)),
              lambda v: julian(v.cast(pa.float64()))),
         ]

@@ -48,18 +48,46 @@ def build(path: Path) -> Path:
     return path
 
 
-def test_native_and_python_readers_land_the_same_table(tmp_path):
-    db = build(tmp_path / "sample.db")
+def load_with_both_readers(db: Path, tmp_path: Path, *args: str) -> tuple[dict, dict]:
     tables, warnings = {}, {}
     for reader in ("native", "python"):
         result = run_uploader("--sqlite", str(db), "--state-dir", str(tmp_path / reader / "state"),
                               "--delta-path", str(tmp_path / reader / "lake"), "--once", "--batch-size", "500",
-                              "--sqlite-reader", reader, env=clean_env())
+                              "--sqlite-reader", reader, *args, env=clean_env())
         assert result.returncode == 0, result.stderr[-4000:]
         tables[reader] = read_delta(tmp_path / reader / "lake").sort_by("id")
         warnings[reader] = sorted(line.split(" WARNING ", 1)[-1] for line in result.stderr.splitlines()
                                   if " WARNING " in line)
+    return tables, warnings
+
+
+def test_native_and_python_readers_land_the_same_table(tmp_path):
+    db = build(tmp_path / "sample.db")
+    tables, warnings = load_with_both_readers(db, tmp_path)
     assert tables["native"].num_rows == 2000 + len(EDGE_TIMESTAMPS) + len(EDGE_VALUES)
     assert tables["native"].schema == tables["python"].schema
     assert tables["native"].to_pylist() == tables["python"].to_pylist()
     assert warnings["native"] == warnings["python"]
+
+
+def test_integer_times_read_natively_keep_nanoseconds_and_unreadable_values(tmp_path):
+    """An INTEGER time column the driver reads as int64 (converted by Arrow compute): nanosecond
+    epochs, the 2**63-1 sentinel and values of no readable form land as with the Python reader,
+    the unreadable ones NULL with their stored value in <column>__original."""
+    db = tmp_path / "ints.db"
+    connection = sqlite3.connect(db)
+    with connection:
+        connection.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, ts INTEGER, at TIME, big NUMERIC)")
+        stamps = [1705329000123456789 + i * 1_001 for i in range(50)] + [10**18, 2**63 - 1, 0, -5, 1705329000]
+        connection.executemany("INSERT INTO m (ts, at, big) VALUES (?, '14:30:00', ?)",
+                               [(ts, 2**60 + i) for i, ts in enumerate(stamps)])
+    connection.close()
+    tables, warnings = load_with_both_readers(db, tmp_path, "--timestamp-col", "ts")
+    native = tables["native"]
+    assert native.schema == tables["python"].schema
+    assert native.to_pylist() == tables["python"].to_pylist()
+    assert warnings["native"] == warnings["python"]
+    rows = native.to_pylist()
+    assert rows[0]["ts"].isoformat() == "2024-01-15T14:30:00.123456+00:00"
+    assert [r["ts__original"] for r in rows if r["ts"] is None] == [str(2**63 - 1), "0", "-5"]
+    assert {r["at"] for r in rows} == {"14:30:00"} and rows[-1]["big"] == 2**60 + 54
