@@ -11,6 +11,8 @@
 #     # The landing path: the Files API client. 0.80: earlier versions do not re-send an upload
 #     # whose answer was lost.
 #     "databricks-sdk>=0.80,<1",
+#     # Batches read straight from SQLite into Arrow (sqlite_reader: native).
+#     "adbc-driver-sqlite>=1.13",
 # ]
 # ///
 """Ship new rows from a SQLite table into a Delta / Databricks table, exactly once.
@@ -20,7 +22,8 @@ Map of this file, in the order data flows:
 1. Configuration  -- OPTIONS (every YAML key / environment variable / flag), load_settings()
 2. Source         -- open SQLite read-only, detect table and timestamp column, timestamp parsing
 3. Cursor         -- insertion order guarded by a fingerprint (rowid tables) or a (timestamp, key)
-                     keyset (WITHOUT ROWID); window planning, batch reading
+                     keyset (WITHOUT ROWID); window planning, batch reading (Python's sqlite3, and
+                     the NativeReader: adbc-driver-sqlite into Arrow where exact)
 4. Transforms     -- sanitize -> filter -> aggregate (pandas), validated at start-up
 5. Targets        -- the Target interface; DeltaTarget (embedded default); DatabricksTarget, made of
                      DatabricksSession -> DatabricksTable -> ProgressTable -> CopyLoad / InsertLoad;
@@ -154,6 +157,10 @@ OPTIONS: tuple[Option, ...] = (
            maximum=2**63 - 1),
     Option("sqlite_busy_timeout", "SQLITE_BUSY_TIMEOUT", "float", 30.0,
            "Seconds to wait for a writer's lock before a read gives up.", minimum=0),
+    Option("sqlite_reader", "SQLITE_READER", "choice", "native",
+           "'native': batches read straight into Arrow (adbc-driver-sqlite) where that is exact, the other "
+           "columns through Python's sqlite3; 'python': every value through Python's sqlite3 (slower, the same "
+           "values).", choices=("native", "python")),
     # --- Target selection and the local Delta target
     Option("target", "UPLOAD_TARGET", "choice", "auto",
            "Where rows go: 'delta' (a local or object-store Delta table), 'databricks', or 'auto' "
@@ -238,6 +245,7 @@ class Settings:
     invalid_timestamps: str = "upload"
     batch_size: int = 100_000
     sqlite_busy_timeout: float = 30.0
+    sqlite_reader: str = "native"
     target: str = "auto"
     delta_path: str | None = None
     databricks_host: str | None = None
@@ -1455,16 +1463,8 @@ class SourceReader:
         return found, rank
 
     # -- reading -------------------------------------------------------------------------
-    def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
-                   limit: int, upper: list | None = None,
-                   convert: Callable[[Sequence[tuple]], Any] | None = None) -> RawBatch:
-        """The next rows of the window in locator order, in one short read transaction.
-
-        Rows are fetched a few thousand at a time and each chunk is handed to `convert` (its
-        columns, in table order) at once, so the batch is kept as compact Arrow arrays rather
-        than as Python tuples. `upper` (inclusive) re-reads exactly an earlier batch, for a
-        replay after a crash.
-        """
+    def _bounds(self, window: Window, upper: list | None) -> tuple[list[str], list]:
+        """The locator range of the window's next read."""
         bounds = [f"{self.loc_row} <= {self._marks(window.top)}"]
         params: list = list(window.top)
         if upper is not None:
@@ -1476,6 +1476,25 @@ class SourceReader:
         elif window.start is not None:
             bounds.append(f"{self.loc_row} >= {self._marks(window.start)}")
             params += window.start
+        return bounds, params
+
+    def range_sql(self, window: Window, limit: int, upper: list | None, selected: str) -> tuple[str, list]:
+        """An unfiltered read of the window's next rows: rowid as __l0, then `selected`."""
+        bounds, params = self._bounds(window, upper)
+        return (f"SELECT {self.loc_sql} AS __l0, {selected} FROM {self.from_sql} WHERE {' AND '.join(bounds)} "
+                f"ORDER BY __l0 LIMIT {int(limit)}"), params
+
+    def read_batch(self, connection: sqlite3.Connection, mark: Watermark, window: Window,
+                   limit: int, upper: list | None = None,
+                   convert: Callable[[Sequence[tuple]], Any] | None = None) -> RawBatch:
+        """The next rows of the window in locator order, in one short read transaction.
+
+        Rows are fetched a few thousand at a time and each chunk is handed to `convert` (its
+        columns, in table order) at once, so the batch is kept as compact Arrow arrays rather
+        than as Python tuples. `upper` (inclusive) re-reads exactly an earlier batch, for a
+        replay after a crash.
+        """
+        bounds, params = self._bounds(window, upper)
         width = len(self.table.locator)
         loc_aliases = ", ".join(f"__l{i}" for i in range(width))
         order = ", ".join(f"__l{i}" for i in range(width))
@@ -1867,6 +1886,319 @@ COERCIONS: dict[str, Callable[[Any], Any]] = {
     "int64": _to_int, "double": _to_float, "bool": _to_bool, "string": _to_str, "large_string": _to_str,
     "binary": _to_bytes, "large_binary": _to_bytes,
 }
+
+
+# --- The native reader: a batch straight from SQLite into Arrow, where that is exact
+#
+# Python's sqlite3 makes a Python object of every value; adbc-driver-sqlite fills Arrow arrays in
+# C. It infers one type per result column from its first rows, widens it when they mix storage
+# classes (numbers become text, or doubles) and stops with an error when a later row does not fit.
+# So a column is read natively only where its Arrow type proves its values exact:
+#   - INTEGER target: the driver typed it int64 (every value an integer);
+#   - REAL target: int64 or double, every magnitude below 2**53 (an integer the driver turned
+#     into a double is then that double, as in Python);
+#   - TEXT target of a column with TEXT affinity (SQLite stores every number in it as text):
+#     string, valid UTF-8;
+#   - timestamps: read as two parts, numbers and text (CASE on typeof()), each checked as above;
+#     Arrow compute converts the plain forms, timestamps_to_micros() every other value.
+# Any other column, or one that fails its check, is read through Python's sqlite3 for that
+# batch and converted by to_arrow_column(): the Python functions stay the one definition of what
+# a value means.
+
+NATIVE_BATCH_ROWS = 65_536  # rows per Arrow batch from the driver (it infers types from the first)
+FLOAT_EXACT = 2**53  # integers below this magnitude are exact as doubles
+_ISO_NATIVE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?"  # what Arrow and Python read alike
+
+
+class NativeUnavailable(Exception):
+    """The native reader cannot read this batch exactly: the Python reader reads it."""
+
+
+def sqlite_affinity(declared: str) -> str:
+    """SQLite's column affinity rules (section 3.1 of its datatype documentation)."""
+    upper = declared.upper()
+    if "INT" in upper:
+        return "INTEGER"
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if "BLOB" in upper or not upper:
+        return "BLOB"
+    if any(word in upper for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
+def native_parts(arrow_type: Any, affinity: str, q: str) -> dict[str, str]:
+    """The SQL of each part read natively for a column; {} reads it through Python."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type):
+        if affinity == "TEXT":
+            return {"text": q}
+        return {"number": f"CASE WHEN typeof({q}) IN ('integer', 'real') THEN {q} END",
+                "text": f"CASE WHEN typeof({q}) IN ('text', 'blob') THEN {q} END"}
+    if arrow_type in (pa.int64(), pa.float64()) or (arrow_type == pa.string() and affinity == "TEXT"):
+        return {"value": q}
+    return {}
+
+
+@dataclass
+class NativeRead:
+    """A batch as the driver read it, before the Python connection's snapshot vouches for it."""
+
+    table: Any  # __l0 (rowid), then __p{i}_{part} for the parts of column i
+    parts: dict[int, list[str]]  # the columns read natively, and their parts
+
+
+class NativeReader:
+    """Reads unfiltered insertion-order batches of rowid tables (the drain of a backlog)."""
+
+    def __init__(self, path: str):
+        import adbc_driver_sqlite.dbapi as adbc
+
+        # autocommit: every read is its own short transaction, as on the Python connection.
+        self.connection = adbc.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", autocommit=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.close()
+
+    def fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
+              types: Sequence[Any]) -> NativeRead:
+        selected, parts = [], {}
+        for i, (column, kind) in enumerate(zip(reader.table.columns, types)):
+            sql = native_parts(kind, sqlite_affinity(column.declared_type), quote_ident(column.name))
+            if sql:
+                parts[i] = list(sql)
+                selected += [f"{expression} AS __p{i}_{part}" for part, expression in sql.items()]
+        if not selected:
+            raise NativeUnavailable("no column of a type the native reader reads")
+        sql, params = reader.range_sql(window, limit, upper, ", ".join(selected))
+        cursor = self.connection.cursor()
+        try:
+            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
+            cursor.execute(sql, params)
+            table = cursor.fetch_arrow_table()
+        except Exception as exc:  # a row that does not fit its column's type, a writer's lock, ...
+            raise NativeUnavailable(f"the driver stopped: {one_line(str(exc))[:200]}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                cursor.close()
+        return NativeRead(table.combine_chunks(), parts)
+
+    @staticmethod
+    def finish(connection: sqlite3.Connection, read: NativeRead, same_snapshot: bool, reader: SourceReader,
+               window: Window, limit: int, upper: list | None, types: Sequence[Any], schema: Any,
+               report: ConversionReport) -> RawBatch:
+        """Inside the Python connection's read transaction: the batch of that snapshot, as Arrow.
+
+        Columns the driver could not read exactly are read again here, through Python. When
+        another connection committed since the driver's read began, the batch is kept only if
+        it holds the same rows and no column needs Python; otherwise Python reads it all."""
+        import pyarrow as pa
+
+        table, names = read.table, reader.table.column_names
+        rowids = table.column("__l0")
+        parts: dict[int, dict[str, Any]] = {}
+        to_python = [i for i in range(len(names)) if i not in read.parts]
+        for i, part_names in read.parts.items():
+            found = {part: exact_part(table.column(f"__p{i}_{part}"), part, types[i]) for part in part_names}
+            if any(array is None for array in found.values()):
+                to_python.append(i)
+            else:
+                parts[i] = found
+        native: dict[int, tuple[Any, Any]] = {}
+        for i in sorted(parts):
+            converted = native_column(parts[i], types[i], reader.naive_tz)
+            if converted is None:  # a misfit whose stored text the driver's types do not tell
+                to_python.append(i)
+            else:
+                native[i] = converted
+        to_python.sort()
+        if to_python and not same_snapshot:  # a row must not mix columns of two versions of itself
+            raise NativeUnavailable("the database changed between the two reads")
+        fallback: dict[int, Any] = {}
+        if to_python or not same_snapshot:
+            LOG.debug("Native read of %d row(s): %s through Python%s.", table.num_rows,
+                      ", ".join(names[i] for i in to_python) or "no column",
+                      "" if same_snapshot else "; rowids checked (the database changed meanwhile)")
+            selected = ", ".join(quote_ident(names[i]) for i in to_python) or "NULL"
+            sql, params = reader.range_sql(window, limit, upper, selected)
+            try:
+                rows = connection.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:  # TEXT that is not UTF-8: the Python reader's way
+                raise NativeUnavailable(str(exc)) from exc
+            if [row[0] for row in rows] != rowids.to_pylist():
+                raise NativeUnavailable("rows changed between the driver's read and this snapshot")
+            fallback = dict(zip(to_python, list(zip(*rows))[1:] if rows else [() for _ in to_python]))
+        raw = RawBatch(chunks=[], last_loc=None, count=table.num_rows)
+        if not table.num_rows:
+            return raw
+        arrays = []
+        for i, name in enumerate(names):  # in table order, as the Python reader counts the misfits
+            if i in fallback:
+                arrays.append(to_arrow_column(list(fallback[i]), types[i], reader.naive_tz, name, report))
+                continue
+            array, kept = native[i]
+            arrays.append(array)
+            if kept is not None:
+                report.nulled[name] = report.nulled.get(name, 0) + len(kept) - kept.null_count
+                report.kept[name] = kept
+        report.end_chunk()
+        raw.chunks = [pa.RecordBatch.from_arrays(arrays, schema=schema)]
+        raw.last_loc = [rowids[-1].as_py()]
+        raw.above = raw.count
+        return raw
+
+
+def exact_part(column: Any, part: str, arrow_type: Any) -> Any:
+    """A part as the driver typed it, when that type proves its values exact (see above); None
+    sends the column through Python. A part of NULLs only is typed int64 by the driver."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    textual = part == "text" or arrow_type == pa.string()
+    if array.null_count == len(array):
+        return pa.nulls(len(array), pa.string() if textual else array.type)
+    if textual:
+        if array.type != pa.string():
+            return None
+        try:
+            array.validate(full=True)  # TEXT that is not UTF-8: Python's reader replaces bad bytes
+        except pa.ArrowInvalid:
+            return None
+        return array
+    if array.type == pa.int64():
+        if arrow_type == pa.float64():
+            bounds = pc.min_max(array)
+            if bounds["min"].as_py() <= -FLOAT_EXACT or bounds["max"].as_py() >= FLOAT_EXACT:
+                return None
+        return array
+    if array.type == pa.float64() and arrow_type != pa.int64():
+        largest = pc.max(pc.abs(array)).as_py()
+        return array if largest < FLOAT_EXACT else None  # an integer beyond 2**53 may hide there
+    return None
+
+
+def native_column(parts: dict[str, Any], arrow_type: Any, naive_tz: Any) -> tuple[Any, Any] | None:
+    """to_arrow_column() for a natively read column: the same values, computed by Arrow, and the
+    stored text of the values that became NULL (None when there are none; see ORIGINAL_SUFFIX).
+    None when that text is not known: a whole double among the numbers may have been stored as
+    an INTEGER (the driver widens a column that mixes them), and '5' is not '5.0'."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_timestamp(arrow_type) or pa.types.is_date32(arrow_type)):
+        return parts["value"].cast(arrow_type), None  # int64 or float64 to float64 (exact, checked)
+    numbers, texts = parts.get("number"), parts["text"]
+    micros, present = native_timestamps(numbers, texts, naive_tz)
+    misfit = pc.and_(present, pc.is_null(micros))
+    kept = None
+    if pc.any(misfit).as_py():
+        index = pc.indices_nonzero(misfit)
+        stored = pc.take(texts, index).to_pylist()
+        if numbers is not None:
+            stored = [t if n is None else n for n, t in zip(pc.take(numbers, index).to_pylist(), stored)]
+        if numbers is not None and pa.types.is_floating(numbers.type) and any(
+                isinstance(v, float) and v.is_integer() for v in stored):
+            return None
+        kept = pc.replace_with_mask(pa.nulls(len(micros), pa.string()), misfit,
+                                    pa.array([original_text(v) for v in stored], pa.string()))
+    if pa.types.is_date32(arrow_type):
+        day = 86_400_000_000
+        days = pc.divide(micros, day)  # truncates; Python's // floors
+        days = pc.if_else(pc.and_(pc.less(micros, 0), pc.not_equal(pc.multiply(days, day), micros)),
+                          pc.subtract(days, 1), days)
+        return days.cast(pa.int32()).cast(pa.date32()), kept
+    return micros.cast(pa.timestamp("us", tz=arrow_type.tz)), kept
+
+
+def native_timestamps(numbers: Any, texts: Any, naive_tz: Any) -> tuple[Any, Any]:
+    """timestamps_to_micros() with Arrow compute for the plain forms (unix seconds, milliseconds
+    and microseconds, Julian days, ISO text) in the same arithmetic; every other value goes
+    through timestamps_to_micros() itself. `numbers` holds the INTEGER and REAL values (int64, or
+    double below 2**53, where an integer means what the same REAL means), `texts` the TEXT ones.
+    Returns the microseconds and where a value was stored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    i64 = pa.int64()
+    if numbers is None:
+        numbers = pa.nulls(len(texts), i64)
+
+    def within(values: Any, low: float, high: float) -> Any:  # low <= v < high
+        return pc.and_(pc.greater_equal(values, low), pc.less(values, high))
+
+    def magnitude(values: Any, low: float, high: float) -> Any:  # low <= |v| < high, without abs()
+        return pc.or_(within(values, low, high), pc.and_(pc.greater(values, -high), pc.less_equal(values, -low)))
+
+    def keep(where: Any, values: Any) -> Any:  # values where `where`, NULL elsewhere (no overflow there)
+        return pc.if_else(where, values, pa.scalar(None, values.type))
+
+    def julian(days: Any) -> Any:  # julian_day_to_micros(): the same double arithmetic, rounded half to even
+        return pc.multiply(pc.round(pc.multiply(pc.subtract(days, JULIAN_UNIX_EPOCH), 86_400_000.0),
+                                    round_mode="half_to_even").cast(i64), 1_000)
+
+    def rounded(values: Any, factor: float) -> Any:  # Python's round(v * factor)
+        return pc.round(pc.multiply(values, factor), round_mode="half_to_even").cast(i64)
+
+    if numbers.type == i64:  # integer_epoch_to_micros()
+        forms = [
+            (numbers, magnitude(numbers, 10**7, 10**11), lambda v: pc.multiply(v, 1_000_000)),
+            (numbers, magnitude(numbers, 10**11, 10**14), lambda v: pc.multiply(v, 1_000)),
+            (numbers, pc.or_(within(numbers, 10**14, 10**18), pc.less_equal(numbers, -(10**14))), lambda v: v),
+            # nanoseconds (positive: truncation is Python's floor); 2**63-1, a sentinel, goes through Python
+            (numbers, within(numbers, 10**18, 2**63 - 1), lambda v: pc.divide(v, 1_000)),
+            (numbers, within(numbers, math.ceil(MIN_JULIAN), math.ceil(MAX_JULIAN)),
+             lambda v: julian(v.cast(pa.float64()))),
+        ]
+    else:  # real_to_micros(), for magnitudes below 2**53; the edges of its cases go through Python
+        forms = [
+            (numbers, within(numbers, MIN_JULIAN, MAX_JULIAN - 1), julian),
+            (numbers, magnitude(numbers, 1e7, 1e11), lambda v: rounded(v, 1e6)),
+            (numbers, magnitude(numbers, 1e11, 1e14 - 1), lambda v: pc.multiply(rounded(v, 1.0), 1_000)),
+            (numbers, magnitude(numbers, 1e14, FLOAT_EXACT), lambda v: rounded(v, 1.0)),
+        ]
+    texts_forms = [(_ISO_NATIVE + r"(Z|[+-]\d{2}:?\d{2})$", pa.timestamp("us", tz="UTC"))]
+    if naive_tz is timezone.utc:
+        texts_forms.append((_ISO_NATIVE + "$", pa.timestamp("us")))
+
+    def parse(texts: Any, where: Any, kind: Any) -> tuple[Any, Any]:
+        """The texts `where` says, parsed; where Arrow refuses a value (Feb 30, 24:00, as Python
+        does) the halves are parsed apart, so that only refused values go through Python."""
+        try:
+            return keep(where, texts).cast(kind).cast(i64), where
+        except pa.ArrowInvalid:
+            if len(texts) == 1:
+                return pa.nulls(1, i64), pa.array([False])
+            mid = len(texts) // 2
+            (a, a_ok), (b, b_ok) = (parse(texts.slice(0, mid), where.slice(0, mid), kind),
+                                    parse(texts.slice(mid), where.slice(mid), kind))
+            return pa.concat_arrays([a, b]), pa.concat_arrays([a_ok, b_ok])
+
+    for pattern, kind in texts_forms if texts.null_count < len(texts) else ():
+        where = pc.fill_null(pc.match_substring_regex(texts, pattern), False)
+        where = pc.and_(where, pc.invert(pc.starts_with(texts, "0000")))  # year 0: Arrow reads it, Python not
+        if pc.any(where).as_py():
+            parsed, where = parse(texts, where, kind)
+            forms.append((texts, where, lambda _v, parsed=parsed: parsed))
+    micros = pa.nulls(len(texts), i64)
+    handled = pc.is_valid(micros)  # all False
+    for values, where, convert in forms:
+        where = pc.fill_null(where, False)
+        if pc.any(where).as_py():
+            micros = pc.if_else(where, convert(keep(where, values)), micros)
+            handled = pc.or_(handled, where)
+    micros = pc.if_else(pc.fill_null(within(micros, MIN_MICROS, MAX_MICROS + 1), False), micros, pa.scalar(None, i64))
+    present = pc.or_(pc.is_valid(numbers), pc.is_valid(texts))
+    todo = pc.and_(present, pc.invert(handled))
+    if pc.any(todo).as_py():
+        index = pc.indices_nonzero(todo)
+        values = [t if n is None else n for n, t in zip(pc.take(numbers, index).to_pylist(),
+                                                       pc.take(texts, index).to_pylist())]
+        micros = pc.replace_with_mask(micros, todo, pa.array(timestamps_to_micros(values, naive_tz), i64))
+    return micros, present
 
 
 # =====================================================================================
@@ -4594,6 +4926,7 @@ class Uploader:
         self.stored: State | None = None
         self.heartbeat: Heartbeat | None = None
         self.state_unsaved = False  # the state file lags what the target holds (disk full, read-only)
+        self.native: NativeReader | None = None  # open during a cycle (sqlite_reader: native)
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -4747,6 +5080,7 @@ class Uploader:
             connection = self.reader.connect()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
+        self.native = self._open_native()
         try:
             self._follow_schema(connection)
             # A window ends early when the rows at the frontier moved under it (renumbered):
@@ -4771,8 +5105,25 @@ class Uploader:
             raise
         finally:
             connection.close()
+            if self.native is not None:
+                self.native.close()
+                self.native = None
         stats.seconds = time.monotonic() - started
         return stats
+
+    def _open_native(self) -> NativeReader | None:
+        if self.settings.sqlite_reader != "native":
+            return None
+        try:
+            return NativeReader(self.settings.sqlite or "")
+        except ImportError as exc:
+            LOG.warning("sqlite_reader is native, but adbc-driver-sqlite cannot be imported (%s); reading "
+                        "through Python's sqlite3, which is slower.", exc)
+            self.settings = dataclasses.replace(self.settings, sqlite_reader="python")
+        except Exception as exc:  # any failure leaves the Python reader, which is exact
+            LOG.debug("The native reader cannot open %s (%s); reading through Python's sqlite3.",
+                      self.settings.sqlite, one_line(str(exc)))
+        return None
 
     def _set_mark(self, mark: Watermark) -> None:
         """A cursor change that uploads nothing (a check, a relocation): kept in the state file."""
@@ -5051,6 +5402,15 @@ class Uploader:
 
         if mark.order != "insertion":
             return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
+        native, version = None, None
+        if self.native is not None and not window.filtered:
+            # The driver reads on its own connection, before the snapshot below; data_version
+            # tells whether anything was committed in between (then finish() compares rowids).
+            version = connection.execute("PRAGMA data_version").fetchone()[0]
+            try:
+                native = self.native.fetch(self.reader, window, limit, upper, types)
+            except NativeUnavailable as exc:
+                LOG.debug("Batch read through Python: %s.", exc)
         # The check of the frontier, the read and the new fingerprint see one snapshot: rows
         # renumbered in between cannot slip into a batch.
         frontier, tail, columns = mark.frontier
@@ -5061,7 +5421,18 @@ class Uploader:
                 end, end_tail, end_columns = check_end
                 if self.reader.check_frontier(connection, end, end_tail, end_columns) != end:
                     raise FrontierMoved(end)
-            raw = self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert)
+            raw = None
+            if native is not None:
+                same = connection.execute("PRAGMA data_version").fetchone()[0] == version
+                native_report = ConversionReport()
+                try:
+                    raw = NativeReader.finish(connection, native, same, self.reader, window, limit, upper, types,
+                                              schema, native_report)
+                    report = native_report
+                except NativeUnavailable as exc:
+                    LOG.debug("Batch read through Python: %s.", exc)
+            if raw is None:
+                raw = self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert)
             if raw.last_loc is not None:
                 raw.tail, raw.tail_cols = self.reader.tail_at(connection, raw.last_loc[0])
         return raw, report

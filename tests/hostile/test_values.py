@@ -26,6 +26,7 @@ from .kit import (
     UTC,
     Emulator,
     Place,
+    _delta_table,
     assert_same_rows,
     base_env,
     both_views,
@@ -322,6 +323,21 @@ def test_delta_rerun_uploads_nothing(delta_load):
     assert again.returncode == 0, again.stderr
     assert "0 read, 0 uploaded" in again.stderr
     assert len(read_delta_rows(place.lake)) == len(CASES)
+
+
+def test_both_sqlite_readers_land_the_same_delta_table(delta_load, tmp_path):
+    """The native reader (the default, above) and the Python reader: the same table, the same warnings."""
+    place, result = delta_load
+    assert result.returncode == 0, result.stderr[-6000:]
+    python = Place(tmp_path, place.db, table="vals")
+    again = python.run("--timestamp-col", "ts", "--batch-size", "40", "--sqlite-reader", "python")
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert _delta_table(python.lake).schema == _delta_table(place.lake).schema
+    assert read_delta_rows(python.lake) == read_delta_rows(place.lake)
+    def messages(stderr: str) -> list[str]:  # without the time of day
+        return sorted(line.split(" WARNING ", 1)[-1] for line in warning_lines(stderr))
+
+    assert messages(again.stderr) == messages(result.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
