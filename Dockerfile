@@ -73,7 +73,7 @@ RUN python3 pep723_requirements.py sqlite_to_databricks_uploader.py > requiremen
  && find /opt/venv -name '*.opt-[12].pyc' -delete \
  && /opt/venv/bin/python -c "import databricks.sql, databricks.sql.exc, databricks.sdk, databricks.sdk.config, \
 databricks.sdk.errors, deltalake, deltalake.exceptions, pandas, yaml, pyarrow.parquet, pyarrow.dataset, \
-pyarrow.compute, pyarrow.fs; from databricks.sdk import WorkspaceClient" \
+pyarrow.compute, pyarrow.fs, adbc_driver_sqlite.dbapi; from databricks.sdk import WorkspaceClient" \
  && /opt/venv/bin/python sqlite_to_databricks_uploader.py --version
 
 # ---- runtime ----

@@ -3,8 +3,8 @@
 Most of the suite's time is waiting, not computing: the uploader's sleep loops, the soaks, SIGKILL
 timing, container builds on one side, and a Spark-backed warehouse emulator answering one statement
 at a time on the other. One session leaves half the machine idle. The Databricks folders (which
-share their emulators within a session) run in one session, the landing path's tests (an emulator
-of their own) in another, everything else in the first; each has its own base temporary directory,
+share one emulator) run in one session, the emulator's own tests and the landing path's tests (an
+emulator per folder) in another, everything else in the first; each has its own base temporary directory,
 so their files, canary audits and soak outputs never mix.
 
     python3 tests/run_all.py              # the README's test command runs this
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Folders that start a warehouse emulator, as sessions of their own (each shares one emulator
 # within its session); everything else is the first session.
-SESSIONS = (("tests/databricks", "tests/databricks_faults", "tests/emulator"), ("tests/landing",))
+SESSIONS = (("tests/databricks", "tests/databricks_faults"), ("tests/emulator", "tests/landing"))
 NO_TESTS_COLLECTED = 5
 
 

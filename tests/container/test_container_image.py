@@ -74,10 +74,10 @@ def test_image_contents(podman: Podman, uploader_image: str):
         "       'caches': [p for p in ('/root/.cache', '/nonexistent/.cache', '/tmp/pip') if os.path.exists(p)],\n"
         "       'pandas_pyc': any(f.endswith('.pyc') for _, _, fs in os.walk(os.path.dirname(\n"
         "           u.find_spec('pandas').origin)) for f in fs)}\n"
-        # Everything the script imports on any path (Delta, SQL connector, landing through the SDK):
+        # Everything the script imports on any path (Delta, SQL connector, landing, the native reader):
         # the Dockerfile removes parts of these packages.
         "import databricks.sql, databricks.sql.exc, deltalake, deltalake.exceptions, pandas, yaml\n"
-        "import pyarrow.compute, pyarrow.dataset, pyarrow.fs, pyarrow.parquet\n"
+        "import pyarrow.compute, pyarrow.dataset, pyarrow.fs, pyarrow.parquet, adbc_driver_sqlite.dbapi\n"
         "from databricks.sdk import WorkspaceClient, errors\n"
         "from databricks.sdk.config import Config\n"
         "print(json.dumps(out))\n")
