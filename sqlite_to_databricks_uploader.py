@@ -45,6 +45,7 @@ import dataclasses
 import decimal
 import gc
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -3560,8 +3561,6 @@ class CopyLoad:
 
     def probe(self, name: str, create: bool) -> None:
         """Create the volume if missing and allowed, then write and remove a file in it."""
-        import io
-
         assert self.volume is not None
         catalog, schema, volume, _ = self.volume
         if create and not self._volume_exists(catalog, schema, volume):
@@ -3836,8 +3835,6 @@ def cast_to_table(rows: Any, schema: Any) -> Any:
 
 def parquet_stream(rows: Any, metadata: dict[bytes, bytes] | None = None) -> Any:
     """The rows as a Parquet file in memory, for a staging or landing upload."""
-    import io
-
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
@@ -4115,6 +4112,10 @@ class LandingFileMissing(Exception):
     """The file or directory does not exist (HTTP 404)."""
 
 
+class VolumePrivilegeMissing(ConfigError):
+    """The principal lacks READ VOLUME or WRITE VOLUME for what it asked (HTTP 403)."""
+
+
 class LandingVolume:
     """Files in a Unity Catalog volume through the Databricks Files API (databricks-sdk), with the
     uploader's credentials: no SQL warehouse involved. Failures become the uploader's two kinds."""
@@ -4161,7 +4162,7 @@ class LandingVolume:
             if "access token" in str(exc).lower():
                 raise ConfigError(f"Databricks refused the credentials while {doing} ({exc}). Check "
                                   "DATABRICKS_TOKEN or DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET.") from None
-            raise ConfigError(f"Databricks refused {doing} ({mask_secrets(str(exc), self.settings)}): these "
+            raise VolumePrivilegeMissing(f"Databricks refused {doing} ({mask_secrets(str(exc), self.settings)}): these "
                               f"credentials lack a privilege on the volume {self.catalog}.{self.schema}.{self.volume}. "
                               "Landing nodes need WRITE VOLUME (and READ VOLUME to rebuild a lost state_dir); the "
                               "loader needs READ VOLUME and WRITE VOLUME (README: The landing path).") from None
@@ -4320,9 +4321,7 @@ class LandingTarget:
             if not names:
                 return None
             data = json.loads(self.volume.download(f"{directory}/{max(names)}"))
-        except ConfigError as exc:
-            if "privilege" not in str(exc):
-                raise
+        except VolumePrivilegeMissing:
             if not self.told_unreadable:
                 self.told_unreadable = True
                 LOG.warning("Cannot read this node's manifests in %s (no READ VOLUME): its state_dir is the only "
@@ -4344,7 +4343,7 @@ class LandingTarget:
         directory = self.node_dir(batch.app_id)
         self.volume.upload(f"{directory}/{name}", parquet_stream(rows))
         manifest = json.dumps(dataclasses.replace(entry, landed=True).to_json(), sort_keys=True).encode()
-        self.volume.upload(f"{directory}/{MANIFEST_DIR}/batch-{batch.seq:012d}.json", io_bytes(manifest))
+        self.volume.upload(f"{directory}/{MANIFEST_DIR}/batch-{batch.seq:012d}.json", io.BytesIO(manifest))
         self._save_journal(dataclasses.replace(entry, landed=True))
         LOG.debug("Landed batch %d as %s/%s (%d rows).", batch.seq, directory, name, rows.num_rows)
 
@@ -4379,12 +4378,6 @@ class LandingTarget:
 
     def close(self) -> None:
         pass
-
-
-def io_bytes(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 @dataclass
