@@ -4453,15 +4453,23 @@ class LandedLoader:
     def _node_files(self, root: str, node: str) -> tuple[list[tuple[str, LandingEntry]], list[str], int]:
         """A node's files that can be loaded, its manifests that are spent, and files not ready yet."""
         directory = f"{root}/{node}"
-        data = {e.name for e in self.volume.list(directory) if LANDED_FILE.fullmatch(e.name or "")}
+        # Manifests before data files: a node uploads a batch's data file before its manifest, so every
+        # manifest listed here has its data file in the second listing unless that file was loaded and
+        # removed already. Listed the other way round, a batch landing between the two listings would
+        # have its manifest taken for a spent one and removed, and its file would never be loaded.
         manifests = sorted(e.name for e in self.volume.list(f"{directory}/{MANIFEST_DIR}")
                            if MANIFEST_NAME.fullmatch(e.name or ""))
+        data = {e.name for e in self.volume.list(directory) if LANDED_FILE.fullmatch(e.name or "")}
         by_seq = {int(MANIFEST_NAME.fullmatch(name).group(1)): name for name in manifests}  # type: ignore[union-attr]
         ready, waiting = [], 0
         for name in sorted(data):
             seq = int(LANDED_FILE.fullmatch(name).group(1))  # type: ignore[union-attr]
             if seq not in by_seq:
                 waiting += 1  # its node is landing it, or will land it again after a crash
+                if by_seq and seq < max(by_seq):  # its node landed later batches: this one lost its manifest
+                    LOG.warning("%s/%s has no manifest although its node has landed later batches, so it is not "
+                                "loaded. If its rows are missing from the table, load it by hand (README: The "
+                                "landing path).", directory, name)
                 continue
             entry = LandingEntry.from_json(json.loads(self.volume.download(f"{directory}/{MANIFEST_DIR}/"
                                                                             f"{by_seq[seq]}")))

@@ -127,6 +127,42 @@ def test_kills_of_nodes_and_loader_at_random_moments_while_they_overlap(landing:
     assert landing.landed_files() == []
 
 
+def test_a_batch_landing_while_the_loader_lists_a_node_is_loaded_later(landing: Landing, tmp_path: Path):
+    """The loader lists a node's directory while that node lands two more batches (files and
+    manifests) between the loader's listings. Those batches are loaded by a later pass, never
+    mistaken for spent ones."""
+    import sqlite_to_databricks_uploader as uploader
+
+    db = make_sensor_db(tmp_path / "n.db", 100)
+    state = tmp_path / "state"
+    landing.land(db, state, "r1", "--batch-size", "100")
+    landing.load()
+    add_sensor_rows(db, 80, later(5))
+
+    invocation = uploader.load_settings(["--load-landed", "--once", "--state-dir", str(tmp_path / "ls")],
+                                        landing.loader_env())
+    loader = uploader.LandedLoader(invocation.settings)
+    table_dir = f"{loader.volume.root}/{TABLE}/"
+    real_list = loader.volume.list
+    landed = []
+
+    def list_then_land(directory: str) -> list:
+        entries = real_list(directory)
+        if directory.startswith(table_dir) and not landed:  # the first listing inside the node's directory
+            landed.append(landing.land(db, state, "r1", "--batch-size", "40"))
+        return entries
+
+    loader.volume.list = list_then_land  # type: ignore[method-assign]
+    try:
+        loader.run_once(uploader.threading.Event())
+    finally:
+        loader.close()
+    assert landed, "the node did not land during the loader's pass"
+    landing.load()
+    assert assert_exactly_once(landing, {"r1": db}) == 180
+    assert landing.landed_files() == []
+
+
 def test_write_only_node_lands_and_a_lost_state_dir_resumes_from_the_manifest(landing: Landing, tmp_path: Path):
     db = make_sensor_db(tmp_path / "n.db", 300)
     writer = "write-only-token"
