@@ -1952,20 +1952,74 @@ class NativeRead:
 
 
 class NativeReader:
-    """Reads unfiltered insertion-order batches of rowid tables (the drain of a backlog)."""
+    """Reads unfiltered insertion-order batches of rowid tables (the drain of a backlog).
+
+    It uses the driver's low-level API: its DB-API module imports pyarrow.dataset and with it
+    pandas, 0.2 s of start-up a drain does not need. The driver reads with the GIL released, so
+    the next batch's read can run in a thread (prefetch()) while this one is converted; it is
+    vouched for like any other read, by finish() inside the Python connection's snapshot."""
 
     def __init__(self, path: str):
-        import adbc_driver_sqlite.dbapi as adbc
+        import adbc_driver_manager
+        import adbc_driver_sqlite
 
-        # autocommit: every read is its own short transaction, as on the Python connection.
-        self.connection = adbc.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", autocommit=True)
+        self._database = adbc_driver_sqlite.connect(f"file:{quote(os.path.abspath(path))}?mode=ro")
+        try:
+            # ADBC connections autocommit: every read is its own short transaction, as on the
+            # Python connection.
+            self.connection = adbc_driver_manager.AdbcConnection(self._database)
+        except BaseException:
+            self._database.close()
+            raise
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[tuple, Future, Any] | None = None  # (what it reads, its read, data_version)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.connection.close()
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for handle in (self.connection, self._database):
+            with contextlib.suppress(Exception):
+                handle.close()
+
+    @staticmethod
+    def _request(window: Window, limit: int, upper: list | None, types: Sequence[Any]) -> tuple:
+        return (tuple(window.top), tuple(window.done or ()), tuple(window.start or ()), limit,
+                tuple(upper or ()), tuple(str(kind) for kind in types))
+
+    def prefetch(self, reader: SourceReader, window: Window, limit: int, types: Sequence[Any], version: Any) -> None:
+        """Start reading the window's next batch in a thread. `version` is the Python connection's
+        data_version taken before this call, as fetch() callers take it before theirs."""
+        self._drop_ahead()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="native-read")
+        future = self._pool.submit(self._fetch, reader, window, limit, None, types)
+        self._ahead = (self._request(window, limit, None, types), future, version)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            with contextlib.suppress(BaseException):
+                self._ahead[1].result()  # one statement at a time on the driver's connection
+            self._ahead = None
 
     def fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
-              types: Sequence[Any]) -> NativeRead:
+              types: Sequence[Any], version: Any) -> tuple[NativeRead, Any]:
+        """The batch and the data_version to check it against: the prefetched read when it is
+        this one (with the version taken before it began), else a read now (with `version`)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            request, future, ahead_version = ahead
+            if request == self._request(window, limit, upper, types):
+                return future.result(), ahead_version
+            with contextlib.suppress(BaseException):
+                future.result()
+        return self._fetch(reader, window, limit, upper, types), version
+
+    def _fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
+               types: Sequence[Any]) -> NativeRead:
+        import adbc_driver_manager
+        import pyarrow as pa
+
         selected, parts = [], {}
         for i, (column, kind) in enumerate(zip(reader.table.columns, types)):
             sql = native_parts(kind, sqlite_affinity(column.declared_type), quote_ident(column.name))
@@ -1975,16 +2029,19 @@ class NativeReader:
         if not selected:
             raise NativeUnavailable("no column of a type the native reader reads")
         sql, params = reader.range_sql(window, limit, upper, ", ".join(selected))
-        cursor = self.connection.cursor()
+        statement = adbc_driver_manager.AdbcStatement(self.connection)
         try:
-            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
-            cursor.execute(sql, params)
-            table = cursor.fetch_arrow_table()
+            statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
+            statement.set_sql_query(sql)
+            statement.prepare()
+            statement.bind(pa.record_batch([[value] for value in params], names=[str(i) for i in range(len(params))]))
+            handle, _ = statement.execute_query()
+            table = pa.RecordBatchReader._import_from_c(handle.address).read_all()
         except Exception as exc:  # a row that does not fit its column's type, a writer's lock, ...
             raise NativeUnavailable(f"the driver stopped: {one_line(str(exc))[:200]}") from exc
         finally:
             with contextlib.suppress(Exception):
-                cursor.close()
+                statement.close()
         return NativeRead(table.combine_chunks(), parts)
 
     @staticmethod
@@ -5401,9 +5458,11 @@ class Uploader:
             # tells whether anything was committed in between (then finish() compares rowids).
             version = connection.execute("PRAGMA data_version").fetchone()[0]
             try:
-                native = self.native.fetch(self.reader, window, limit, upper, types)
+                native, version = self.native.fetch(self.reader, window, limit, upper, types, version)
             except NativeUnavailable as exc:
                 LOG.debug("Batch read through Python: %s.", exc)
+            if native is not None and upper is None:
+                self._prefetch(connection, window, native, limit, types)
         # The check of the frontier, the read and the new fingerprint see one snapshot: rows
         # renumbered in between cannot slip into a batch.
         frontier, tail, columns = mark.frontier
@@ -5429,6 +5488,19 @@ class Uploader:
             if raw.last_loc is not None:
                 raw.tail, raw.tail_cols = self.reader.tail_at(connection, raw.last_loc[0])
         return raw, report
+
+    def _prefetch(self, connection: sqlite3.Connection, window: Window, native: NativeRead, limit: int,
+                  types: Sequence[Any]) -> None:
+        """Start the driver's read of the batch after this one, when the window goes on: it overlaps
+        this batch's conversion and commit. If this batch ends elsewhere (read through Python,
+        the frontier moved), the next read does not match and is made again."""
+        assert self.native is not None
+        rowids = native.table.column("__l0")
+        if native.table.num_rows < limit or [rowids[-1].as_py()] == window.top:
+            return
+        version = connection.execute("PRAGMA data_version").fetchone()[0]  # before the read begins
+        self.native.prefetch(self.reader, dataclasses.replace(window, done=[rowids[-1].as_py()]), limit, types,
+                             version)
 
     def _convert(self, raw: RawBatch, report: ConversionReport, removed: TransformCounts
                  ) -> tuple[Any, int | None, int | None]:
