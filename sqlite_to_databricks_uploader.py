@@ -1216,6 +1216,7 @@ class SourceReader:
         self.from_sql = quote_ident(table.name)
         self.has_rowid = table.locator[0] in ("rowid", "_rowid_", "oid")
         self.columns_sql = ", ".join(quote_ident(c) for c in table.column_names)
+        self.top_key: Future | None = None  # the window last planned in insertion order: its top_key
 
     @staticmethod
     def _loc_term(column: str) -> str:
@@ -1314,11 +1315,42 @@ class SourceReader:
         above, params = (f"WHERE {rid} > ?", [loc]) if loc is not None else ("", [])
         count_now = mark.below is None or mark.below < COUNT_EVERY_CYCLE_BELOW or mark.counted_at is None or \
             abs(time.time() - mark.counted_at) >= COUNT_EVERY
-        with read_transaction(connection):
-            total = connection.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0] if count_now else None
-            top, rows, first, top_key = connection.execute(
-                f"SELECT max({rid}), count(*), min({rid}), max(k) FROM "
-                f"(SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)", params).fetchone()
+        counted: Future = Future()
+        key: Future = Future()
+        self.top_key = key
+
+        def scan() -> None:
+            """One read transaction, as one snapshot: the counts first, published at once, then the
+            highest cursor key of the new rows (the costly part: it overlaps the first batch's read)."""
+            try:
+                try:
+                    own = self.connect()
+                except ConfigError as exc:  # opened a moment ago on the main connection: mid-rotation?
+                    raise TransientError(str(exc)) from None
+                try:
+                    with read_transaction(own):
+                        total = own.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0] if count_now \
+                            else None
+                        if loc is None and total is not None:  # every row is new: the ends are two seeks
+                            top, first = own.execute(f"SELECT max({rid}), min({rid}) FROM {self.from_sql}").fetchone()
+                            counted.set_result((total, top, total, first))
+                        else:
+                            counted.set_result((total, *own.execute(
+                                f"SELECT max({rid}), count(*), min({rid}) FROM {self.from_sql} {above}",
+                                params).fetchone()))
+                        key.set_result(own.execute(
+                            f"SELECT max(k) FROM (SELECT {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)",
+                            params).fetchone()[0])
+                finally:
+                    own.close()
+            except BaseException as exc:
+                for future in (counted, key):
+                    if not future.done():
+                        future.set_exception(exc)
+
+        threading.Thread(target=scan, name="plan", daemon=True).start()
+        total, top, rows, first = counted.result()
+        top_key = None  # in self.top_key once the scan is through (Uploader._next_batch waits for it)
         if total is None:  # between counts: what the windows read since the last one
             total = (mark.below or 0) + rows
         below = total - rows
@@ -1330,7 +1362,7 @@ class SourceReader:
                 f"SELECT count(*), max(k) FROM (SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} "
                 f"WHERE {rid} <= ? LIMIT -1) WHERE {pending}", [loc, *pending_params]).fetchone()
         if late:
-            keys = [k for k in (top_key, late_key) if k is not None]
+            keys = [k for k in (self.top_key.result(), late_key) if k is not None]
             window = Window(top=[max(top or loc, loc)], top_key=max(keys) if keys else None, start=None,
                             done=None, filtered=True, rows=rows + late, below=below)
             return window, below, appeared, count_now
@@ -1949,6 +1981,26 @@ class NativeRead:
 
     table: Any  # __l0 (rowid), then __p{i}_{part} for the parts of column i
     parts: dict[int, list[str]]  # the columns read natively, and their parts
+
+
+_warmed_up = threading.Event()
+
+
+def warm_up_pyarrow() -> None:
+    """Import pandas in a thread, once. pyarrow imports it the first time it converts a Python
+    value (0.15-0.2 s of Python, holding the GIL); started before the planning scan, which runs
+    inside SQLite without the GIL, that import costs a drain no time."""
+    if _warmed_up.is_set():
+        return
+    _warmed_up.set()
+
+    def warm() -> None:
+        with contextlib.suppress(Exception):
+            import pyarrow as pa
+
+            pa.scalar(0)  # pyarrow's own lazy import, under its lock
+
+    threading.Thread(target=warm, name="warm-up", daemon=True).start()
 
 
 class NativeReader:
@@ -4977,6 +5029,7 @@ class Uploader:
         self.heartbeat: Heartbeat | None = None
         self.state_unsaved = False  # the state file lags what the target holds (disk full, read-only)
         self.native: NativeReader | None = None  # open during a cycle (sqlite_reader: native)
+        self.window_key: Future | None = None  # the planned window's top_key, while its scan runs
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -5126,11 +5179,14 @@ class Uploader:
         self.resync()
         assert self.state is not None
         stats.resumed = self.state.watermark.window is not None
+        self.window_key = None  # set by _plan for the window it plans
         try:
             connection = self.reader.connect()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
         self.native = self._open_native()
+        if self.native is not None:
+            warm_up_pyarrow()
         try:
             self._follow_schema(connection)
             # A window ends early when the rows at the frontier moved under it (renumbered):
@@ -5201,6 +5257,9 @@ class Uploader:
             return window
         mark = self._check_frontier(connection, mark)
         window, below, appeared, counted = self.reader.plan_insertion_window(connection, mark)
+        # An unfiltered window's top_key comes from the planning scan, still running: the first
+        # batch is read meanwhile, and waits for it before its watermark is made.
+        self.window_key = self.reader.top_key if window is not None and not window.filtered else None
         if appeared:
             self._report_low_inserts(appeared, window, mark)
         if counted and below >= COUNT_EVERY_CYCLE_BELOW:
@@ -5353,6 +5412,10 @@ class Uploader:
         window = mark.window
         assert window is not None
         raw, report = self._read(connection, mark, window, self.settings.batch_size)
+        if self.window_key is not None:  # the window's first batch: the planning snapshot's top_key
+            window = dataclasses.replace(window, top_key=self.window_key.result())
+            self.window_key = None
+            before = mark = dataclasses.replace(mark, window=window)
         stats.rows_read += raw.count
         finished = raw.count < self.settings.batch_size or raw.last_loc == window.top
         rows, first_ts, last_ts = self._convert(raw, report, stats.removed)
