@@ -1983,16 +1983,17 @@ class NativeRead:
     parts: dict[int, list[str]]  # the columns read natively, and their parts
 
 
-_warmed_up = threading.Event()
+_warm_up: list[threading.Thread] = []
 
 
 def warm_up_pyarrow() -> None:
     """Import pandas in a thread, once. pyarrow imports it the first time it converts a Python
     value (0.15-0.2 s of Python, holding the GIL); started before the planning scan, which runs
-    inside SQLite without the GIL, that import costs a drain no time."""
-    if _warmed_up.is_set():
+    inside SQLite without the GIL, that import costs a drain no time. warmed_up() waits for it
+    before the first conversion, so no other thread imports anything meanwhile."""
+    if _warm_up:
         return
-    _warmed_up.set()
+    import pyarrow.compute  # noqa: F401 -- what the conversion imports, imported here first
 
     def warm() -> None:
         with contextlib.suppress(Exception):
@@ -2000,7 +2001,13 @@ def warm_up_pyarrow() -> None:
 
             pa.scalar(0)  # pyarrow's own lazy import, under its lock
 
-    threading.Thread(target=warm, name="warm-up", daemon=True).start()
+    _warm_up.append(threading.Thread(target=warm, name="warm-up", daemon=True))
+    _warm_up[0].start()
+
+
+def warmed_up() -> None:
+    if _warm_up:
+        _warm_up[0].join()
 
 
 class NativeReader:
@@ -5514,6 +5521,7 @@ class Uploader:
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         if mark.order != "insertion":
+            warmed_up()
             return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
         native, version = None, None
         if self.native is not None and not window.filtered:
@@ -5529,6 +5537,7 @@ class Uploader:
         # The check of the frontier, the read and the new fingerprint see one snapshot: rows
         # renumbered in between cannot slip into a batch.
         frontier, tail, columns = mark.frontier
+        warmed_up()
         with read_transaction(connection):
             if self.reader.check_frontier(connection, frontier, tail, columns) != frontier:
                 raise FrontierMoved(frontier)  # its row was deleted: plan again from below it
