@@ -4910,18 +4910,22 @@ class StateDirLocked(TransientError):
         self.holder = holder
 
 
+LOCK_UNLABELLED_WAIT = 1.0  # seconds a lock without its holder's label is looked at again
+
+
 @dataclass
 class StateDirLock:
     path: Path
     fd: int | None = None
+    UNKNOWN: ClassVar[str] = "holder unknown: {path} names none yet"
 
     @classmethod
     def for_dir(cls, state_dir: str) -> StateDirLock:
         return cls(Path(state_dir) / LOCK_FILE_NAME)
 
     def acquire(self, role: str) -> None:
-        """Take the lock without waiting and write who holds it into the file, or raise
-        StateDirLocked naming the holder."""
+        """Take the lock without waiting (but for a holder that is taking or releasing it) and write
+        who holds it into the file, or raise StateDirLocked naming the holder."""
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no lock (the target's commit check still stands)
@@ -4934,11 +4938,19 @@ class StateDirLock:
             raise ConfigError(f"State directory {self.path.parent} is not writable ({exc.strerror or exc}): cannot "
                               "create its lock file. Set state_dir (STATE_DIR, --state-dir) to a writable "
                               "directory.") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        # A lock without its label is being taken or released (the holder writes it just after
+        # taking the lock and clears it just before letting go): look again for a moment.
+        deadline = time.monotonic() + LOCK_UNLABELLED_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = self.holder()
+                if holder == self.UNKNOWN.format(path=self.path) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             os.close(fd)
-            holder = self.holder()
             raise StateDirLocked(
                 f"The state directory {self.path.parent} is in use by another process ({holder}). Only one "
                 "uploader may use a state directory at a time: stop the other one (or wait for it to end), or give "
@@ -4962,7 +4974,7 @@ class StateDirLock:
             return (f"{data.get('role', 'uploader')} pid {data['pid']} on host {data['host']}, "
                     f"since {data['since']}")
         except (OSError, ValueError, KeyError, TypeError):
-            return f"holder unknown: {self.path} names none yet"
+            return self.UNKNOWN.format(path=self.path)
 
     def release(self) -> None:
         if self.fd is not None:
