@@ -10,6 +10,7 @@ row ever written (the SQLite table, written to only) must match the Delta table 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -68,6 +69,28 @@ def test_two_once_runs_started_together_on_one_state_dir_upload_every_row_once(t
         assert code == 0 or (code == 1 and LOCKED in log and " on host " in log and "since 20" in log
                              and "stop the other one" in log), f"exit {code}:\n{log[-3000:]}"
     assert [code for code, _ in results].count(0) >= 1
+
+
+def test_a_once_run_meeting_a_lock_being_released_uploads(tmp_path: Path) -> None:
+    """A holder clears its name from the lock file just before it lets go of the lock; a run that
+    tries in that moment finds the lock held by nobody named. It looks again, rather than stopping."""
+    import fcntl
+    import threading
+
+    db, lake, state = tmp_path / "sensor.db", tmp_path / "lake", tmp_path / "state"
+    make_sample_db(db, rows=100)
+    state.mkdir()
+    fd = os.open(state / "uploader.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, the file empty: a holder in the middle of letting go
+    release = threading.Timer(0.8, os.close, [fd])
+    release.start()
+    try:
+        run = run_uploader("--sqlite", str(db), "--state-dir", str(state), "--delta-path", str(lake), "--once",
+                           cwd=tmp_path)
+    finally:
+        release.join()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_exactly_once(db, lake)
 
 
 def test_loop_uploaders_beside_a_writer_upload_every_row_once(tmp_path: Path) -> None:
