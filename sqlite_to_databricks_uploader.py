@@ -1216,6 +1216,7 @@ class SourceReader:
         self.from_sql = quote_ident(table.name)
         self.has_rowid = table.locator[0] in ("rowid", "_rowid_", "oid")
         self.columns_sql = ", ".join(quote_ident(c) for c in table.column_names)
+        self.top_key: Future | None = None  # the window last planned in insertion order: its top_key
 
     @staticmethod
     def _loc_term(column: str) -> str:
@@ -1314,11 +1315,42 @@ class SourceReader:
         above, params = (f"WHERE {rid} > ?", [loc]) if loc is not None else ("", [])
         count_now = mark.below is None or mark.below < COUNT_EVERY_CYCLE_BELOW or mark.counted_at is None or \
             abs(time.time() - mark.counted_at) >= COUNT_EVERY
-        with read_transaction(connection):
-            total = connection.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0] if count_now else None
-            top, rows, first, top_key = connection.execute(
-                f"SELECT max({rid}), count(*), min({rid}), max(k) FROM "
-                f"(SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)", params).fetchone()
+        counted: Future = Future()
+        key: Future = Future()
+        self.top_key = key
+
+        def scan() -> None:
+            """One read transaction, as one snapshot: the counts first, published at once, then the
+            highest cursor key of the new rows (the costly part: it overlaps the first batch's read)."""
+            try:
+                try:
+                    own = self.connect()
+                except ConfigError as exc:  # opened a moment ago on the main connection: mid-rotation?
+                    raise TransientError(str(exc)) from None
+                try:
+                    with read_transaction(own):
+                        total = own.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0] if count_now \
+                            else None
+                        if loc is None and total is not None:  # every row is new: the ends are two seeks
+                            top, first = own.execute(f"SELECT max({rid}), min({rid}) FROM {self.from_sql}").fetchone()
+                            counted.set_result((total, top, total, first))
+                        else:
+                            counted.set_result((total, *own.execute(
+                                f"SELECT max({rid}), count(*), min({rid}) FROM {self.from_sql} {above}",
+                                params).fetchone()))
+                        key.set_result(own.execute(
+                            f"SELECT max(k) FROM (SELECT {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)",
+                            params).fetchone()[0])
+                finally:
+                    own.close()
+            except BaseException as exc:
+                for future in (counted, key):
+                    if not future.done():
+                        future.set_exception(exc)
+
+        threading.Thread(target=scan, name="plan", daemon=True).start()
+        total, top, rows, first = counted.result()
+        top_key = None  # in self.top_key once the scan is through (Uploader._next_batch waits for it)
         if total is None:  # between counts: what the windows read since the last one
             total = (mark.below or 0) + rows
         below = total - rows
@@ -1330,7 +1362,7 @@ class SourceReader:
                 f"SELECT count(*), max(k) FROM (SELECT {rid}, {self.key_sql} AS k FROM {self.from_sql} "
                 f"WHERE {rid} <= ? LIMIT -1) WHERE {pending}", [loc, *pending_params]).fetchone()
         if late:
-            keys = [k for k in (top_key, late_key) if k is not None]
+            keys = [k for k in (self.top_key.result(), late_key) if k is not None]
             window = Window(top=[max(top or loc, loc)], top_key=max(keys) if keys else None, start=None,
                             done=None, filtered=True, rows=rows + late, below=below)
             return window, below, appeared, count_now
@@ -1951,21 +1983,102 @@ class NativeRead:
     parts: dict[int, list[str]]  # the columns read natively, and their parts
 
 
+_warm_up: list[threading.Thread] = []
+
+
+def warm_up_pyarrow() -> None:
+    """Import pandas in a thread, once. pyarrow imports it the first time it converts a Python
+    value (0.15-0.2 s of Python, holding the GIL); started before the planning scan, which runs
+    inside SQLite without the GIL, that import costs a drain no time. warmed_up() waits for it
+    before the first conversion, so no other thread imports anything meanwhile."""
+    if _warm_up:
+        return
+    import pyarrow.compute  # noqa: F401 -- what the conversion imports, imported here first
+
+    def warm() -> None:
+        with contextlib.suppress(Exception):
+            import pyarrow as pa
+
+            pa.scalar(0)  # pyarrow's own lazy import, under its lock
+
+    _warm_up.append(threading.Thread(target=warm, name="warm-up", daemon=True))
+    _warm_up[0].start()
+
+
+def warmed_up() -> None:
+    if _warm_up:
+        _warm_up[0].join()
+
+
 class NativeReader:
-    """Reads unfiltered insertion-order batches of rowid tables (the drain of a backlog)."""
+    """Reads unfiltered insertion-order batches of rowid tables (the drain of a backlog).
+
+    It uses the driver's low-level API: its DB-API module imports pyarrow.dataset and with it
+    pandas, 0.2 s of start-up a drain does not need. The driver reads with the GIL released, so
+    the next batch's read can run in a thread (prefetch()) while this one is converted; it is
+    vouched for like any other read, by finish() inside the Python connection's snapshot."""
 
     def __init__(self, path: str):
-        import adbc_driver_sqlite.dbapi as adbc
+        import adbc_driver_manager
+        import adbc_driver_sqlite
 
-        # autocommit: every read is its own short transaction, as on the Python connection.
-        self.connection = adbc.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", autocommit=True)
+        self._database = adbc_driver_sqlite.connect(f"file:{quote(os.path.abspath(path))}?mode=ro")
+        try:
+            # ADBC connections autocommit: every read is its own short transaction, as on the
+            # Python connection.
+            self.connection = adbc_driver_manager.AdbcConnection(self._database)
+        except BaseException:
+            self._database.close()
+            raise
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[tuple, Future, Any] | None = None  # (what it reads, its read, data_version)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.connection.close()
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for handle in (self.connection, self._database):
+            with contextlib.suppress(Exception):
+                handle.close()
+
+    @staticmethod
+    def _request(window: Window, limit: int, upper: list | None, types: Sequence[Any]) -> tuple:
+        return (tuple(window.top), tuple(window.done or ()), tuple(window.start or ()), limit,
+                tuple(upper or ()), tuple(str(kind) for kind in types))
+
+    def prefetch(self, reader: SourceReader, window: Window, limit: int, types: Sequence[Any], version: Any) -> None:
+        """Start reading the window's next batch in a thread. `version` is the Python connection's
+        data_version taken before this call, as fetch() callers take it before theirs."""
+        self._drop_ahead()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="native-read")
+        future = self._pool.submit(self._fetch, reader, window, limit, None, types)
+        self._ahead = (self._request(window, limit, None, types), future, version)
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            with contextlib.suppress(BaseException):
+                self._ahead[1].result()  # one statement at a time on the driver's connection
+            self._ahead = None
 
     def fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
-              types: Sequence[Any]) -> NativeRead:
+              types: Sequence[Any], version: Any) -> tuple[NativeRead, Any]:
+        """The batch and the data_version to check it against: the prefetched read when it is
+        this one (with the version taken before it began), else a read now (with `version`)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            request, future, ahead_version = ahead
+            if request == self._request(window, limit, upper, types):
+                return future.result(), ahead_version
+            with contextlib.suppress(BaseException):
+                future.result()
+        return self._fetch(reader, window, limit, upper, types), version
+
+    def _fetch(self, reader: SourceReader, window: Window, limit: int, upper: list | None,
+               types: Sequence[Any]) -> NativeRead:
+        import adbc_driver_manager
+        import pyarrow as pa
+
         selected, parts = [], {}
         for i, (column, kind) in enumerate(zip(reader.table.columns, types)):
             sql = native_parts(kind, sqlite_affinity(column.declared_type), quote_ident(column.name))
@@ -1975,16 +2088,19 @@ class NativeReader:
         if not selected:
             raise NativeUnavailable("no column of a type the native reader reads")
         sql, params = reader.range_sql(window, limit, upper, ", ".join(selected))
-        cursor = self.connection.cursor()
+        statement = adbc_driver_manager.AdbcStatement(self.connection)
         try:
-            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
-            cursor.execute(sql, params)
-            table = cursor.fetch_arrow_table()
+            statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
+            statement.set_sql_query(sql)
+            statement.prepare()
+            statement.bind(pa.record_batch([[value] for value in params], names=[str(i) for i in range(len(params))]))
+            handle, _ = statement.execute_query()
+            table = pa.RecordBatchReader._import_from_c(handle.address).read_all()
         except Exception as exc:  # a row that does not fit its column's type, a writer's lock, ...
             raise NativeUnavailable(f"the driver stopped: {one_line(str(exc))[:200]}") from exc
         finally:
             with contextlib.suppress(Exception):
-                cursor.close()
+                statement.close()
         return NativeRead(table.combine_chunks(), parts)
 
     @staticmethod
@@ -4802,18 +4918,22 @@ class StateDirLocked(TransientError):
         self.holder = holder
 
 
+LOCK_UNLABELLED_WAIT = 1.0  # seconds a lock without its holder's label is looked at again
+
+
 @dataclass
 class StateDirLock:
     path: Path
     fd: int | None = None
+    UNKNOWN: ClassVar[str] = "holder unknown: {path} names none yet"
 
     @classmethod
     def for_dir(cls, state_dir: str) -> StateDirLock:
         return cls(Path(state_dir) / LOCK_FILE_NAME)
 
     def acquire(self, role: str) -> None:
-        """Take the lock without waiting and write who holds it into the file, or raise
-        StateDirLocked naming the holder."""
+        """Take the lock without waiting (but for a holder that is taking or releasing it) and write
+        who holds it into the file, or raise StateDirLocked naming the holder."""
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no lock (the target's commit check still stands)
@@ -4826,11 +4946,19 @@ class StateDirLock:
             raise ConfigError(f"State directory {self.path.parent} is not writable ({exc.strerror or exc}): cannot "
                               "create its lock file. Set state_dir (STATE_DIR, --state-dir) to a writable "
                               "directory.") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        # A lock without its label is being taken or released (the holder writes it just after
+        # taking the lock and clears it just before letting go): look again for a moment.
+        deadline = time.monotonic() + LOCK_UNLABELLED_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = self.holder()
+                if holder == self.UNKNOWN.format(path=self.path) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             os.close(fd)
-            holder = self.holder()
             raise StateDirLocked(
                 f"The state directory {self.path.parent} is in use by another process ({holder}). Only one "
                 "uploader may use a state directory at a time: stop the other one (or wait for it to end), or give "
@@ -4854,7 +4982,7 @@ class StateDirLock:
             return (f"{data.get('role', 'uploader')} pid {data['pid']} on host {data['host']}, "
                     f"since {data['since']}")
         except (OSError, ValueError, KeyError, TypeError):
-            return f"holder unknown: {self.path} names none yet"
+            return self.UNKNOWN.format(path=self.path)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -4928,6 +5056,7 @@ class Uploader:
         self.heartbeat: Heartbeat | None = None
         self.state_unsaved = False  # the state file lags what the target holds (disk full, read-only)
         self.native: NativeReader | None = None  # open during a cycle (sqlite_reader: native)
+        self.window_key: Future | None = None  # the planned window's top_key, while its scan runs
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -5077,11 +5206,14 @@ class Uploader:
         self.resync()
         assert self.state is not None
         stats.resumed = self.state.watermark.window is not None
+        self.window_key = None  # set by _plan for the window it plans
         try:
             connection = self.reader.connect()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
         self.native = self._open_native()
+        if self.native is not None:
+            warm_up_pyarrow()
         try:
             self._follow_schema(connection)
             # A window ends early when the rows at the frontier moved under it (renumbered):
@@ -5152,6 +5284,9 @@ class Uploader:
             return window
         mark = self._check_frontier(connection, mark)
         window, below, appeared, counted = self.reader.plan_insertion_window(connection, mark)
+        # An unfiltered window's top_key comes from the planning scan, still running: the first
+        # batch is read meanwhile, and waits for it before its watermark is made.
+        self.window_key = self.reader.top_key if window is not None and not window.filtered else None
         if appeared:
             self._report_low_inserts(appeared, window, mark)
         if counted and below >= COUNT_EVERY_CYCLE_BELOW:
@@ -5304,6 +5439,10 @@ class Uploader:
         window = mark.window
         assert window is not None
         raw, report = self._read(connection, mark, window, self.settings.batch_size)
+        if self.window_key is not None:  # the window's first batch: the planning snapshot's top_key
+            window = dataclasses.replace(window, top_key=self.window_key.result())
+            self.window_key = None
+            before = mark = dataclasses.replace(mark, window=window)
         stats.rows_read += raw.count
         finished = raw.count < self.settings.batch_size or raw.last_loc == window.top
         rows, first_ts, last_ts = self._convert(raw, report, stats.removed)
@@ -5402,6 +5541,7 @@ class Uploader:
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         if mark.order != "insertion":
+            warmed_up()
             return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
         native, version = None, None
         if self.native is not None and not window.filtered:
@@ -5409,12 +5549,15 @@ class Uploader:
             # tells whether anything was committed in between (then finish() compares rowids).
             version = connection.execute("PRAGMA data_version").fetchone()[0]
             try:
-                native = self.native.fetch(self.reader, window, limit, upper, types)
+                native, version = self.native.fetch(self.reader, window, limit, upper, types, version)
             except NativeUnavailable as exc:
                 LOG.debug("Batch read through Python: %s.", exc)
+            if native is not None and upper is None:
+                self._prefetch(connection, window, native, limit, types)
         # The check of the frontier, the read and the new fingerprint see one snapshot: rows
         # renumbered in between cannot slip into a batch.
         frontier, tail, columns = mark.frontier
+        warmed_up()
         with read_transaction(connection):
             if self.reader.check_frontier(connection, frontier, tail, columns) != frontier:
                 raise FrontierMoved(frontier)  # its row was deleted: plan again from below it
@@ -5437,6 +5580,19 @@ class Uploader:
             if raw.last_loc is not None:
                 raw.tail, raw.tail_cols = self.reader.tail_at(connection, raw.last_loc[0])
         return raw, report
+
+    def _prefetch(self, connection: sqlite3.Connection, window: Window, native: NativeRead, limit: int,
+                  types: Sequence[Any]) -> None:
+        """Start the driver's read of the batch after this one, when the window goes on: it overlaps
+        this batch's conversion and commit. If this batch ends elsewhere (read through Python,
+        the frontier moved), the next read does not match and is made again."""
+        assert self.native is not None
+        rowids = native.table.column("__l0")
+        if native.table.num_rows < limit or [rowids[-1].as_py()] == window.top:
+            return
+        version = connection.execute("PRAGMA data_version").fetchone()[0]  # before the read begins
+        self.native.prefetch(self.reader, dataclasses.replace(window, done=[rowids[-1].as_py()]), limit, types,
+                             version)
 
     def _convert(self, raw: RawBatch, report: ConversionReport, removed: TransformCounts
                  ) -> tuple[Any, int | None, int | None]:

@@ -10,6 +10,7 @@ row ever written (the SQLite table, written to only) must match the Delta table 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -70,6 +71,28 @@ def test_two_once_runs_started_together_on_one_state_dir_upload_every_row_once(t
     assert [code for code, _ in results].count(0) >= 1
 
 
+def test_a_once_run_meeting_a_lock_being_released_uploads(tmp_path: Path) -> None:
+    """A holder clears its name from the lock file just before it lets go of the lock; a run that
+    tries in that moment finds the lock held by nobody named. It looks again, rather than stopping."""
+    import fcntl
+    import threading
+
+    db, lake, state = tmp_path / "sensor.db", tmp_path / "lake", tmp_path / "state"
+    make_sample_db(db, rows=100)
+    state.mkdir()
+    fd = os.open(state / "uploader.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, the file empty: a holder in the middle of letting go
+    release = threading.Timer(0.8, os.close, [fd])
+    release.start()
+    try:
+        run = run_uploader("--sqlite", str(db), "--state-dir", str(state), "--delta-path", str(lake), "--once",
+                           cwd=tmp_path)
+    finally:
+        release.join()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_exactly_once(db, lake)
+
+
 def test_loop_uploaders_beside_a_writer_upload_every_row_once(tmp_path: Path) -> None:
     """Two loop-mode uploaders on one state directory and a third with a state directory of its own,
     beside an application writing rows: the second waits for the lock; the third meets the first's
@@ -108,11 +131,14 @@ def test_loop_uploaders_beside_a_writer_upload_every_row_once(tmp_path: Path) ->
         held = "second" if waiting == "first" else "first"
         assert json.loads((shared / "uploader.lock").read_text())["pid"] == uploaders[held].pid
         assert stop(uploaders[held]) == 0
+        # The hand-over alone: with the third one stopped too, the rows that come next are the waiting
+        # one's to upload (else the third may take them all before its next look at the lock, 5 s).
+        assert stop(uploaders["own"]) == 0
         with sqlite3.connect(db) as connection:
             connection.execute("INSERT INTO sensor_logs (device_id, timestamp, temperature, humidity, status) "
                                "SELECT device_id, timestamp, temperature, humidity, status FROM sensor_logs "
                                "ORDER BY id LIMIT 30")
-        drain(db, lake, {name: p for name, p in uploaders.items() if name != held})
+        drain(db, lake, {waiting: uploaders[waiting]})
     finally:
         codes = {name: stop(process) for name, process in uploaders.items()}
     logs = {name: read_log(tmp_path, name) for name in uploaders}
