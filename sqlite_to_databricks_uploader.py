@@ -1938,7 +1938,10 @@ COERCIONS: dict[str, Callable[[Any], Any]] = {
 # batch and converted by to_arrow_column(): the Python functions stay the one definition of what
 # a value means.
 
-NATIVE_BATCH_ROWS = 65_536  # rows per Arrow batch from the driver (it infers types from the first)
+# Rows per Arrow batch from the driver (it infers types from the first). A whole batch in one
+# piece needs no copy to make it contiguous; a replay's read (no row limit) comes in pieces.
+NATIVE_BATCH_ROWS = 65_536
+NATIVE_ONE_PIECE_MAX = 1_000_000
 FLOAT_EXACT = 2**53  # integers below this magnitude are exact as doubles
 _ISO_NATIVE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?"  # what Arrow and Python read alike
 
@@ -1983,16 +1986,42 @@ class NativeRead:
     parts: dict[int, list[str]]  # the columns read natively, and their parts
 
 
-_warm_up: list[threading.Thread] = []
+def pandas_needed(settings: Settings, transforms: TransformPlan) -> bool:
+    """Transforms run on pandas; the SQL connector hands results to and from pandas."""
+    return bool(transforms.sanitizes or transforms.filters or transforms.aggregates) or \
+        (uses_databricks(settings) and settings.load_mode != "landing")
 
 
-def warm_up_pyarrow() -> None:
-    """Import pandas in a thread, once. pyarrow imports it the first time it converts a Python
-    value (0.15-0.2 s of Python, holding the GIL); started before the planning scan, which runs
-    inside SQLite without the GIL, that import costs a drain no time. warmed_up() waits for it
+def skip_pandas_probe() -> bool:
+    """pyarrow's first conversion of a Python value imports pandas (0.2 s of CPU and ~35 MB on a
+    small node) only to ask whether the value is a pandas object. Where none can be, that probe is
+    answered "no pandas" once, and pyarrow remembers the answer; a real use of pandas (to_pandas,
+    `import pandas`) still imports it. True when the probe is answered."""
+    if "pandas" in sys.modules:
+        return False
+    import pyarrow as pa
+
+    class NoPandas:
+        @staticmethod
+        def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+            if name == "pandas" or name.startswith("pandas."):
+                raise ImportError("pandas is not imported for pyarrow's probe")
+
+    sys.meta_path.insert(0, NoPandas)  # type: ignore[arg-type]
+    try:
+        pa.array([0])
+    except ImportError:  # a pyarrow that does not take "no pandas" for an answer: import it as usual
+        return False
+    finally:
+        sys.meta_path.remove(NoPandas)  # type: ignore[arg-type]
+    return "pandas" not in sys.modules
+
+
+def start_pandas_import() -> threading.Thread:
+    """Import pandas in a thread, for a run that uses it. pyarrow imports it the first time it
+    converts a Python value (0.15-0.2 s of Python, holding the GIL); started before the planning
+    scan, which runs inside SQLite without the GIL, that import costs a drain no time. Joined
     before the first conversion, so no other thread imports anything meanwhile."""
-    if _warm_up:
-        return
     import pyarrow.compute  # noqa: F401 -- what the conversion imports, imported here first
 
     def warm() -> None:
@@ -2001,13 +2030,9 @@ def warm_up_pyarrow() -> None:
 
             pa.scalar(0)  # pyarrow's own lazy import, under its lock
 
-    _warm_up.append(threading.Thread(target=warm, name="warm-up", daemon=True))
-    _warm_up[0].start()
-
-
-def warmed_up() -> None:
-    if _warm_up:
-        _warm_up[0].join()
+    thread = threading.Thread(target=warm, name="warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 class NativeReader:
@@ -2090,7 +2115,8 @@ class NativeReader:
         sql, params = reader.range_sql(window, limit, upper, ", ".join(selected))
         statement = adbc_driver_manager.AdbcStatement(self.connection)
         try:
-            statement.set_options(**{"adbc.sqlite.query.batch_rows": str(NATIVE_BATCH_ROWS)})
+            piece = limit if limit <= NATIVE_ONE_PIECE_MAX else NATIVE_BATCH_ROWS
+            statement.set_options(**{"adbc.sqlite.query.batch_rows": str(piece)})
             statement.set_sql_query(sql)
             statement.prepare()
             statement.bind(pa.record_batch([[value] for value in params], names=[str(i) for i in range(len(params))]))
@@ -5057,6 +5083,7 @@ class Uploader:
         self.state_unsaved = False  # the state file lags what the target holds (disk full, read-only)
         self.native: NativeReader | None = None  # open during a cycle (sqlite_reader: native)
         self.window_key: Future | None = None  # the planned window's top_key, while its scan runs
+        self.pyarrow_ready: threading.Thread | bool = False  # see _ready_pyarrow
 
     # -- start-up ------------------------------------------------------------------------
     def fresh_state(self) -> State:
@@ -5213,7 +5240,7 @@ class Uploader:
             raise TransientError(str(exc)) from None
         self.native = self._open_native()
         if self.native is not None:
-            warm_up_pyarrow()
+            self._ready_pyarrow()
         try:
             self._follow_schema(connection)
             # A window ends early when the rows at the frontier moved under it (renumbered):
@@ -5541,7 +5568,7 @@ class Uploader:
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         if mark.order != "insertion":
-            warmed_up()
+            self._warmed_up()
             return self.reader.read_batch(connection, mark, window, limit, upper=upper, convert=convert), report
         native, version = None, None
         if self.native is not None and not window.filtered:
@@ -5557,7 +5584,7 @@ class Uploader:
         # The check of the frontier, the read and the new fingerprint see one snapshot: rows
         # renumbered in between cannot slip into a batch.
         frontier, tail, columns = mark.frontier
-        warmed_up()
+        self._warmed_up()
         with read_transaction(connection):
             if self.reader.check_frontier(connection, frontier, tail, columns) != frontier:
                 raise FrontierMoved(frontier)  # its row was deleted: plan again from below it
@@ -5580,6 +5607,17 @@ class Uploader:
             if raw.last_loc is not None:
                 raw.tail, raw.tail_cols = self.reader.tail_at(connection, raw.last_loc[0])
         return raw, report
+
+    def _ready_pyarrow(self) -> None:
+        """Once, before the first planning scan: pyarrow's pandas probe answered without pandas
+        where no pandas object can occur, else pandas imported in a thread meanwhile."""
+        if self.pyarrow_ready is False:
+            needed = pandas_needed(self.settings, self.transforms)
+            self.pyarrow_ready = (not needed and skip_pandas_probe()) or start_pandas_import()
+
+    def _warmed_up(self) -> None:
+        if isinstance(self.pyarrow_ready, threading.Thread):
+            self.pyarrow_ready.join()
 
     def _prefetch(self, connection: sqlite3.Connection, window: Window, native: NativeRead, limit: int,
                   types: Sequence[Any]) -> None:
