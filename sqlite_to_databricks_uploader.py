@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import dataclasses
 import decimal
+import errno
 import gc
 import hashlib
 import io
@@ -1199,6 +1200,15 @@ def json_restore(value: Any) -> Any:
     return value
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """Which file a path names now (device, inode); None when it cannot be seen."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class SourceReader:
     """Reads pending rows of one table; knows the SQL of the cursor."""
 
@@ -1217,6 +1227,8 @@ class SourceReader:
         self.has_rowid = table.locator[0] in ("rowid", "_rowid_", "oid")
         self.columns_sql = ", ".join(quote_ident(c) for c in table.column_names)
         self.top_key: Future | None = None  # the window last planned in insertion order: its top_key
+        self.identity: tuple[int, int] | None = None  # the file this cycle reads (open_for_cycle)
+        self.scans: list[tuple[threading.Thread, threading.Event]] = []  # planning scans of this cycle
 
     @staticmethod
     def _loc_term(column: str) -> str:
@@ -1226,6 +1238,28 @@ class SourceReader:
         connection = open_sqlite(self.path, self.settings.sqlite_busy_timeout)
         connection.create_function("upl_key", 1, cursor_key_udf(self.naive_tz), deterministic=True)
         return connection
+
+    def open_for_cycle(self) -> sqlite3.Connection:
+        """The cycle's main connection. Other connections of the cycle (the native reader's, the
+        planning scan's) open the file by its path again: check_same_file() makes sure they all
+        read the file this one reads, and not a new one rotated into its place meanwhile."""
+        self.identity = file_identity(self.path)
+        return self.connect()
+
+    def check_same_file(self, doing: str) -> None:
+        if self.identity is not None and file_identity(self.path) != self.identity:
+            raise TransientError(f"{self.path} was replaced by another file while {doing}; reading it again "
+                                 "from the start of the next cycle.")
+
+    def end_scans(self) -> None:
+        """At the end of a cycle, after the native reader is closed: the planning scans end and
+        close their connections. Closing a file drops every POSIX lock this process holds on it,
+        including those of the native driver's own copy of SQLite, so no scan closes its
+        connection while a native read may run."""
+        for thread, release in self.scans:
+            release.set()
+            thread.join()
+        self.scans.clear()
 
     # -- SQL fragments -----------------------------------------------------------------
     def _marks(self, values: Sequence) -> str:
@@ -1319,6 +1353,8 @@ class SourceReader:
         key: Future = Future()
         self.top_key = key
 
+        release = threading.Event()
+
         def scan() -> None:
             """One read transaction, as one snapshot: the counts first, published at once, then the
             highest cursor key of the new rows (the costly part: it overlaps the first batch's read)."""
@@ -1328,6 +1364,7 @@ class SourceReader:
                 except ConfigError as exc:  # opened a moment ago on the main connection: mid-rotation?
                     raise TransientError(str(exc)) from None
                 try:
+                    self.check_same_file("planning")
                     with read_transaction(own):
                         total = own.execute(f"SELECT count(*) FROM {self.from_sql}").fetchone()[0] if count_now \
                             else None
@@ -1342,13 +1379,18 @@ class SourceReader:
                             f"SELECT max(k) FROM (SELECT {self.key_sql} AS k FROM {self.from_sql} {above} LIMIT -1)",
                             params).fetchone()[0])
                 finally:
+                    release.wait()  # closed when the cycle ends (end_scans)
                     own.close()
             except BaseException as exc:
+                if counted.done() and key.done():
+                    LOG.debug("The planning scan ended with %s.", one_line(str(exc)))
                 for future in (counted, key):
                     if not future.done():
                         future.set_exception(exc)
 
-        threading.Thread(target=scan, name="plan", daemon=True).start()
+        thread = threading.Thread(target=scan, name="plan", daemon=True)
+        self.scans.append((thread, release))
+        thread.start()
         total, top, rows, first = counted.result()
         top_key = None  # in self.top_key once the scan is through (Uploader._next_batch waits for it)
         if total is None:  # between counts: what the windows read since the last one
@@ -2021,7 +2063,8 @@ def start_pandas_import() -> threading.Thread:
     """Import pandas in a thread, for a run that uses it. pyarrow imports it the first time it
     converts a Python value (0.15-0.2 s of Python, holding the GIL); started before the planning
     scan, which runs inside SQLite without the GIL, that import costs a drain no time. Joined
-    before the first conversion, so no other thread imports anything meanwhile."""
+    before a batch is converted; a conversion made meanwhile (the driver's query parameters)
+    waits for the import under pyarrow's own lock (pyarrow >= 15, apache/arrow#39314)."""
     import pyarrow.compute  # noqa: F401 -- what the conversion imports, imported here first
 
     def warm() -> None:
@@ -2082,7 +2125,7 @@ class NativeReader:
 
     def _drop_ahead(self) -> None:
         if self._ahead is not None:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):
                 self._ahead[1].result()  # one statement at a time on the driver's connection
             self._ahead = None
 
@@ -2095,7 +2138,7 @@ class NativeReader:
             request, future, ahead_version = ahead
             if request == self._request(window, limit, upper, types):
                 return future.result(), ahead_version
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):
                 future.result()
         return self._fetch(reader, window, limit, upper, types), version
 
@@ -4549,6 +4592,7 @@ class LandedLoader:
         self.volume = LandingVolume(settings)
         self.session = DatabricksSession(settings)
         self.tables: dict[str, DatabricksTable] = {}
+        self.told_unloadable: set[str] = set()  # files without a manifest below their node's newest
 
     def describe(self) -> str:
         return f"{self.volume.root} -> {self.session.describe()}"
@@ -4608,7 +4652,8 @@ class LandedLoader:
             seq = int(LANDED_FILE.fullmatch(name).group(1))  # type: ignore[union-attr]
             if seq not in by_seq:
                 waiting += 1  # its node is landing it, or will land it again after a crash
-                if by_seq and seq < max(by_seq):  # its node landed later batches: this one lost its manifest
+                if by_seq and seq < max(by_seq) and name not in self.told_unloadable:  # its manifest is gone
+                    self.told_unloadable.add(name)
                     LOG.warning("%s/%s has no manifest although its node has landed later batches, so it is not "
                                 "loaded. If its rows are missing from the table, load it by hand (README: The "
                                 "landing path).", directory, name)
@@ -4979,7 +5024,12 @@ class StateDirLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise ConfigError(f"Cannot lock {self.path} ({exc.strerror or exc}): the filesystem of state_dir "
+                                      "does not support file locks. Put state_dir (STATE_DIR, --state-dir) on a local "
+                                      "filesystem.") from None
                 holder = self.holder()
                 if holder == self.UNKNOWN.format(path=self.path) and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -5136,7 +5186,9 @@ class Uploader:
         LOG.info("The source table's columns changed%s; the target follows.",
                  f" (new: {', '.join(added)})" if added else "")
         self.source = dataclasses.replace(self.source, columns=columns)
+        identity = self.reader.identity
         self.reader = SourceReader(self.settings, self.source)
+        self.reader.identity = identity  # the same file, this cycle (no scan has begun yet)
         self._plan_columns(connection)
         self.schema = None
 
@@ -5235,13 +5287,14 @@ class Uploader:
         stats.resumed = self.state.watermark.window is not None
         self.window_key = None  # set by _plan for the window it plans
         try:
-            connection = self.reader.connect()
+            connection = self.reader.open_for_cycle()
         except ConfigError as exc:  # the file may be mid-rotation: try again next cycle
             raise TransientError(str(exc)) from None
         self.native = self._open_native()
         if self.native is not None:
             self._ready_pyarrow()
         try:
+            self.reader.check_same_file("opening it")
             self._follow_schema(connection)
             # A window ends early when the rows at the frontier moved under it (renumbered):
             # the rest is planned again at once, from where those rows are now.
@@ -5264,10 +5317,11 @@ class Uploader:
                                   "a good copy.") from None
             raise
         finally:
-            connection.close()
             if self.native is not None:
                 self.native.close()
                 self.native = None
+            self.reader.end_scans()
+            connection.close()
         stats.seconds = time.monotonic() - started
         return stats
 
