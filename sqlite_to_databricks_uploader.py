@@ -2870,12 +2870,10 @@ class DeltaTarget:
         # for this app id? The commit is made on the very version checked, so one that commits in
         # between also fails -- delta-rs refuses a commit whose application transaction a
         # concurrent commit also carries ("Concurrent transaction failed").
-        table = self._open()
-        if table is not None:
-            self._check_not_committed(table, batch)
+        table = self._open() or self._create(rows.schema)
+        self._check_not_committed(table, batch)
         try:
-            write_deltalake(table if table is not None else self.location, rows, mode="append",
-                            schema_mode="merge", commit_properties=properties,
+            write_deltalake(table, rows, mode="append", schema_mode="merge", commit_properties=properties,
                             name=f"{self.database}.{self.table_name}")
         except OSError as exc:
             raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
@@ -2883,6 +2881,24 @@ class DeltaTarget:
             if "concurrent transaction" in str(exc).lower():
                 raise AnotherWriter(another_writer_message(batch, self.location)) from exc
             raise TransientError(f"Writing to the Delta table at {self.location} failed: {exc}") from exc
+
+    def _create(self, schema: Any) -> Any:
+        """The table, created empty before its first batch: of two processes that find no table,
+        only one can create it, and both then commit on a version they checked. (A write that
+        creates the table is checked against nothing: two such writes both committed batch 1.)"""
+        from deltalake import DeltaTable
+
+        try:
+            DeltaTable.create(self.location, schema, mode="error", name=f"{self.database}.{self.table_name}")
+        except Exception as exc:  # created meanwhile by another process (or a real failure: see below)
+            table = self._open()
+            if table is None:
+                raise TransientError(f"Cannot create the Delta table at {self.location}: {exc}") from exc
+            return table
+        table = self._open()
+        if table is None:
+            raise TransientError(f"The Delta table created at {self.location} cannot be opened.")
+        return table
 
     def _check_not_committed(self, table: Any, batch: Batch) -> None:
         committed = table.transaction_version(batch.app_id)

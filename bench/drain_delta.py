@@ -182,21 +182,24 @@ def uploader_env_names(uploader: Path) -> set[str]:
 
 
 def delta_log_counts(table: Path) -> tuple[int, int]:
-    """(rows added, commits) from the Delta log's add actions; no table scan, no reader threads."""
+    """(rows added, commits that added rows) from the Delta log's add actions (the table's creation,
+    before the first batch, is not counted); no table scan, no reader threads."""
     rows = commits = 0
     log_dir = table / "_delta_log"
     if not log_dir.is_dir():
         return 0, 0
     for entry in sorted(log_dir.glob("*.json")):
-        commits += 1
+        added = False
         for line in entry.read_text().splitlines():
             action = json.loads(line) if line.strip() else {}
             add = action.get("add")
             if add and add.get("stats"):
                 rows += json.loads(add["stats"]).get("numRecords", 0)
+                added = True
             remove = action.get("remove")
             if remove:
                 rows -= remove.get("numRecords") or 0
+        commits += added
     return rows, commits
 
 

@@ -15,14 +15,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 from make_sample_db import make_sample_db
 from test_concurrent_writer import WRITER
 from uploader_testkit import ROOT, SCRIPT, clean_env, read_delta, run_uploader, uploader_command
+
+import sqlite_to_databricks_uploader as upl
 
 LOCKED = "is in use by another process (uploader pid "
 
@@ -207,3 +211,44 @@ def test_sigkill_of_uv_run_ends_the_script_so_a_restart_uploads_every_row_once(t
     again = run_uploader(*args, "--once", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_once(db, lake)
+
+
+def test_two_writers_finding_no_table_commit_the_first_batch_once(tmp_path: Path, monkeypatch) -> None:
+    """Two uploaders of one app id starting on a new table (another state directory, or a first
+    deployment started twice): both find no table. Each is held until the other has looked too,
+    then both commit batch 1. It lands once; the other is told another writer committed it."""
+    db, lake = tmp_path / "sensor.db", tmp_path / "lake"
+    make_sample_db(db, rows=10)
+    settings = upl.load_settings(["--sqlite", str(db), "--delta-path", str(lake),
+                                  "--state-dir", str(tmp_path / "state")]).settings
+    rows = pa.table({"id": pa.array(range(25), pa.int64()), "status": pa.array(["ok"] * 25)})
+    batch = upl.Batch(1, rows, "app", upl.Watermark(), 25, upl.Watermark(), None)
+    both_looked = threading.Barrier(2)
+    look = upl.DeltaTarget._open
+
+    def look_together(self: upl.DeltaTarget) -> object:
+        table = look(self)
+        if table is None and not both_looked.broken:
+            both_looked.wait(timeout=30)
+        return table
+
+    monkeypatch.setattr(upl.DeltaTarget, "_open", look_together)
+    outcomes: list[object] = []
+
+    def write() -> None:
+        try:
+            upl.DeltaTarget(settings, "sensor_logs").write(batch)
+            outcomes.append("committed")
+        except Exception as exc:  # the outcome is what the test looks at
+            outcomes.append(exc)
+
+    writers = [threading.Thread(target=write) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+
+    assert sorted(Counter(read_delta(lake).column("id").to_pylist()).values()) == [1] * 25
+    assert outcomes.count("committed") == 1, outcomes
+    (refused,) = [o for o in outcomes if o != "committed"]
+    assert isinstance(refused, upl.AnotherWriter), repr(refused)
