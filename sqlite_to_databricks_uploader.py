@@ -2889,16 +2889,12 @@ class DeltaTarget:
         from deltalake import DeltaTable
 
         try:
-            DeltaTable.create(self.location, schema, mode="error", name=f"{self.database}.{self.table_name}")
+            return DeltaTable.create(self.location, schema, mode="error", name=f"{self.database}.{self.table_name}")
         except Exception as exc:  # created meanwhile by another process (or a real failure: see below)
             table = self._open()
             if table is None:
                 raise TransientError(f"Cannot create the Delta table at {self.location}: {exc}") from exc
             return table
-        table = self._open()
-        if table is None:
-            raise TransientError(f"The Delta table created at {self.location} cannot be opened.")
-        return table
 
     def _check_not_committed(self, table: Any, batch: Batch) -> None:
         committed = table.transaction_version(batch.app_id)
